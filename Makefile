@@ -1,0 +1,81 @@
+# The README's two commands are `make site` and `make test`; everything else is a step of theirs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CACHE := .cache
+WHEELHOUSE := $(CACHE)/wheelhouse
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+# Molecule and pytest workers share one Docker build cache and one set of base images per run.
+export NITRO_ANSIBLE_ROOT := $(CURDIR)
+export NITRO_ANSIBLE_WHEELHOUSE := $(CURDIR)/$(WHEELHOUSE)
+
+.PHONY: help setup venv docker images wheelhouse site test test-fast test-unit test-integration test-molecule lint bench clean
+
+help:
+	@echo "make site   - set up if needed, then run site.yml on the default inventory (localhost, emulated)"
+	@echo "make test   - the whole suite: lint, unit, integration, molecule"
+	@echo "make test-fast - lint + unit tests only (inner loop)"
+	@echo "make bench  - benchmarks; prints figures"
+	@echo "make lint   - ansible-lint (production profile) and ruff"
+	@echo "make setup  - only the set-up: .venv, Docker engine, base images, wheelhouse"
+
+$(BIN)/.installed: requirements.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "setup: $(PYTHON) is required (Debian: apt-get install python3)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip==25.3
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+venv: $(BIN)/.installed
+
+docker:
+	@scripts/docker-engine.sh
+
+images: docker
+	@scripts/base-images.sh
+
+# Hosts never reach PyPI: everything they install comes from this pinned wheelhouse.
+$(WHEELHOUSE)/.built: $(BIN)/.installed
+	@mkdir -p $(WHEELHOUSE)
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(WHEELHOUSE) .
+	$(BIN)/pip download -q -d $(WHEELHOUSE) --only-binary=:all: --python-version 3.11 \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  -c requirements.txt cbor2 cryptography asn1crypto pyyaml aiohttp boto3
+	@touch $@
+
+wheelhouse: $(WHEELHOUSE)/.built
+
+setup: venv images wheelhouse
+
+site: setup
+	$(BIN)/ansible-playbook site.yml
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/ansible-lint --profile production
+
+test-unit: venv
+	$(BIN)/pytest tests/unit
+
+test-fast: lint test-unit
+
+test-integration: setup
+	$(BIN)/pytest tests/integration
+
+test-molecule: setup
+	$(BIN)/pytest -n 2 tests/molecule
+
+test: setup lint
+	$(BIN)/pytest tests/unit tests/integration
+	$(BIN)/pytest -n 2 tests/molecule
+
+bench: setup
+	$(BIN)/python -m tests.bench
+
+clean:
+	rm -rf $(VENV) $(CACHE)

@@ -1,0 +1,1 @@
+"""Enclave application (tokenizer) and its parent-side counterparts."""

@@ -1,0 +1,1 @@
+"""nitro-cli-compatible emulator for hosts without /dev/nitro_enclaves."""
