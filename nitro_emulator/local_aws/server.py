@@ -20,13 +20,15 @@ from . import extensions
 
 def _loopback(host: str) -> str:
     if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
-        raise argparse.ArgumentTypeError(f"--host {host!r} is not a loopback address; the local endpoint only binds 127.0.0.0/8 or ::1")
+        raise argparse.ArgumentTypeError(
+            f"--host {host!r} is not a loopback address; the local endpoint only binds 127.0.0.0/8 or ::1"
+        )
     return host
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nitro-local-aws", description=__doc__)
-    parser.add_argument("--host", type=_loopback, default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
+    parser.add_argument("--host", type=_loopback, default="127.0.0.1", help="loopback address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=4566, help="TCP port (default 4566)")
     parser.add_argument(
         "--attestation-root",

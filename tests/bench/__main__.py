@@ -1,0 +1,21 @@
+"""`make bench`: runs every tests/bench/bench_*.py `main()` in turn; each prints its own figures."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+
+def main(selected: list[str]) -> int:
+    names = sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
+    if selected:
+        names = [n for n in names if any(s in n for s in selected)]
+    for name in names:
+        print(f"\n=== {name} ===", flush=True)
+        importlib.import_module(f"tests.bench.{name}").main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
