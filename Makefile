@@ -39,15 +39,25 @@ images: docker
 	@scripts/base-images.sh
 
 # Hosts never reach PyPI: everything they install comes from this pinned wheelhouse.
-$(WHEELHOUSE)/.built: $(BIN)/.installed
+$(WHEELHOUSE)/.deps: requirements.txt | $(BIN)/.installed
 	@mkdir -p $(WHEELHOUSE)
-	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(WHEELHOUSE) .
 	$(BIN)/pip download -q -d $(WHEELHOUSE) --only-binary=:all: --python-version 3.11 \
 	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	  -c requirements.txt cbor2 cryptography asn1crypto pyyaml aiohttp boto3
 	@touch $@
 
-wheelhouse: $(WHEELHOUSE)/.built
+# The project wheel is rebuilt when its sources change, reproducibly (fixed timestamps), so hosts
+# see a changed file only when the code changed.
+PROJECT_SOURCES := pyproject.toml $(shell find module_utils nitro_emulator enclave_src/enclave_tokenizer -type f \
+  -not -path '*/__pycache__/*' 2>/dev/null)
+$(WHEELHOUSE)/.project: $(PROJECT_SOURCES) | $(BIN)/.installed
+	@mkdir -p $(WHEELHOUSE)
+	@rm -f $(WHEELHOUSE)/nitro_enclaves_ansible-*.whl
+	SOURCE_DATE_EPOCH=315532800 $(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(WHEELHOUSE) .
+	@rm -rf build
+	@touch $@
+
+wheelhouse: $(WHEELHOUSE)/.deps $(WHEELHOUSE)/.project
 
 setup: venv images wheelhouse
 
