@@ -1,0 +1,318 @@
+"""Attestation-enforcing KMS for the local endpoint: a thin layer on moto's KMS response handlers.
+
+moto 5.2 ignores `Recipient` (it returns plaintext) and never evaluates key-policy conditions. With this
+layer, `Decrypt`, `GenerateDataKey`, `GenerateDataKeyPair` and `GenerateRandom` that carry
+`Recipient={AttestationDocument, KeyEncryptionAlgorithm: RSAES_OAEP_SHA_256}` behave as AWS documents:
+
+1. the attestation document is verified (COSE signature, certificate chain, validity now) against the
+   trusted roots: the emulator's root (`nitro_emulator.nsm.emulator_root_pem()`) plus any
+   `--attestation-root` PEMs (e.g. the AWS Nitro root);
+2. the key policy's `kms:RecipientAttestation:*` conditions are evaluated against the document's PCRs with
+   `nitro_module_utils.kms_policy.evaluate` (the same evaluator the kms_enclave_policy module uses);
+   not allowed -> `AccessDeniedException`;
+3. the secret is returned only as `CiphertextForRecipient` (CMS EnvelopedData to the document's RSA public
+   key, `enclave_tokenizer.cms`), never as `Plaintext`.
+
+Requests without `Recipient` keep moto's behaviour (GenerateDataKeyPair, which moto lacks, is added).
+
+Simplifications, on purpose and documented:
+- Principals are not checked: the caller is taken to match any principal of the policy's statements
+  (moto does not model IAM identities). For Recipient requests only *attested* Allow statements (those
+  with a `kms:RecipientAttestation:*` condition) may grant; other Allow statements (e.g. the account
+  root's `kms:*`, which on AWS delegates to IAM policies) are ignored, so a key without an attested
+  statement denies every Recipient request. Deny statements always apply.
+- GenerateRandom has no key, hence no key policy: the document is verified and nothing else (AWS would
+  evaluate the caller's IAM policies, which the local endpoint does not model).
+- An unverifiable document is answered with `ValidationException` naming the failed check; AWS's exact
+  error code for that case is not documented in the sources we have.
+
+Test hook: when env `NITRO_LOCAL_AWS_KMS_FAULTS` names a JSON file `{"<Action>": <n>, ...}`, the next n
+calls of each action are answered with `ThrottlingException` (the file is decremented), so retry logic
+can be tested against the real server. Without the variable nothing is read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moto.core.exceptions import JsonRESTError
+from moto.kms.exceptions import ValidationException
+from moto.kms.responses import KmsResponse
+
+KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
+FAULTS_ENV = "NITRO_LOCAL_AWS_KMS_FAULTS"
+KEY_PAIR_SPECS = ("RSA_2048", "RSA_3072", "RSA_4096", "ECC_NIST_P256", "ECC_NIST_P384", "ECC_NIST_P521")
+
+_state: dict[str, Any] = {"extra_roots": [], "roots": None}
+_lock = threading.Lock()
+
+
+class AccessDeniedException(JsonRESTError):
+    # moto's own class blanks the message; AWS sends one and clients show it.
+    code = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__("AccessDeniedException", message)
+
+
+class ThrottlingException(JsonRESTError):
+    code = 400
+
+    def __init__(self) -> None:
+        super().__init__("ThrottlingException", "Rate exceeded")
+
+
+def _read_root(spec: str) -> bytes:
+    if spec.lstrip().startswith("-----BEGIN"):
+        return spec.encode()
+    return Path(spec).read_bytes()
+
+
+def trusted_roots() -> list[bytes]:
+    """Emulator root (created on first use under NITRO_EMULATOR_HOME) + configured roots."""
+    with _lock:
+        if _state["roots"] is None:
+            from nitro_emulator.nsm import emulator_root_pem
+
+            _state["roots"] = [emulator_root_pem(), *_state["extra_roots"]]
+        return list(_state["roots"])
+
+
+def _caller(self: KmsResponse) -> str:
+    return f"arn:aws:iam::{self.current_account}:user/local"
+
+
+def _verify_recipient(self: KmsResponse) -> Any | None:
+    """The verified attestation document of the request's Recipient, or None without Recipient."""
+    recipient = self._get_param("Recipient")
+    if recipient is None:
+        return None
+    if not isinstance(recipient, dict):
+        raise ValidationException("Recipient must be a structure")
+    algorithm = recipient.get("KeyEncryptionAlgorithm", KEY_ENCRYPTION_ALGORITHM)
+    if algorithm != KEY_ENCRYPTION_ALGORITHM:
+        raise ValidationException(
+            f"1 validation error detected: Value '{algorithm}' at 'recipient.keyEncryptionAlgorithm' failed "
+            f"to satisfy constraint: Member must satisfy enum value set: [{KEY_ENCRYPTION_ALGORITHM}]"
+        )
+    try:
+        document = base64.b64decode(recipient.get("AttestationDocument") or "", validate=True)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise ValidationException("Recipient.AttestationDocument is not valid base64") from exc
+    if not 1 <= len(document) <= 262144:
+        raise ValidationException("Recipient.AttestationDocument must be 1..262144 bytes")
+    from enclave_tokenizer.attestation import AttestationError, verify_attestation_document
+
+    try:
+        # Debug documents verify; the key policy decides (their PCR0 is zero, which policies refuse).
+        result = verify_attestation_document(document, root_pem=trusted_roots(), allow_debug=True)
+    except AttestationError as exc:
+        raise ValidationException(f"The attestation document is not valid: {exc}") from exc
+    if not result.public_key:
+        raise ValidationException("The attestation document has no public_key to encrypt the response to")
+    return result
+
+
+def _authorize(self: KmsResponse, key_id: str, action: str, attestation: Any) -> str:
+    """Evaluate the key policy's attested statements for the document's PCRs; returns the key ARN."""
+    from nitro_module_utils import kms_policy
+
+    backend = self.kms_backend
+    key = backend.describe_key(backend.any_id_to_key_id(key_id))
+    try:
+        policy = json.loads(key.policy or "{}")
+    except ValueError:
+        policy = {}
+    decision = kms_policy.evaluate(
+        policy if isinstance(policy, dict) else {},
+        action,
+        kms_policy.attestation_context(attestation.pcrs),
+        principal=None,
+        statement_filter=kms_policy.recipient_statement_filter,
+    )
+    if not decision.allowed:
+        raise AccessDeniedException(
+            f"User: {_caller(self)} is not authorized to perform: {action} on resource: {key.arn} "
+            f"with the attestation document of module {attestation.module_id} "
+            f"(PCR0 {attestation.pcrs.get(0, b'').hex() or 'absent'}): {decision.reason}"
+        )
+    return key.arn
+
+
+def _for_recipient(secret: bytes, attestation: Any) -> str:
+    from enclave_tokenizer.cms import CmsError, build_enveloped_data
+
+    try:
+        envelope = build_enveloped_data(secret, attestation.public_key)
+    except CmsError as exc:
+        raise ValidationException(f"The attestation document's public_key cannot be used: {exc}") from exc
+    return base64.b64encode(envelope).decode()
+
+
+def _key_id_for_blob(self: KmsResponse) -> str | None:
+    """Decrypt may omit KeyId; moto's blobs start with the key id (36 chars) — ask moto to resolve it."""
+    key_id = self._get_param("KeyId")
+    if key_id:
+        self._validate_key_id(key_id)
+    return key_id
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers
+
+
+def _patched_decrypt(original: Callable[[KmsResponse], str]) -> Callable[[KmsResponse], str]:
+    def decrypt(self: KmsResponse) -> str:
+        attestation = _verify_recipient(self)
+        if attestation is None:
+            return original(self)
+        key_id = _key_id_for_blob(self)
+        plaintext, arn = self.kms_backend.decrypt(
+            ciphertext_blob=self._get_param("CiphertextBlob"),
+            encryption_context=self._get_param("EncryptionContext", {}),
+            key_id=key_id,
+        )
+        _authorize(self, arn, "kms:Decrypt", attestation)
+        return json.dumps(
+            {
+                "KeyId": arn,
+                "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+                "CiphertextForRecipient": _for_recipient(plaintext, attestation),
+            }
+        )
+
+    return decrypt
+
+
+def _patched_generate_data_key(original: Callable[[KmsResponse], str]) -> Callable[[KmsResponse], str]:
+    def generate_data_key(self: KmsResponse) -> str:
+        # GenerateDataKeyWithoutPlaintext reuses this handler in moto and takes no Recipient.
+        attestation = _verify_recipient(self) if self._get_action() == "GenerateDataKey" else None
+        if attestation is None:
+            return original(self)
+        key_id = self._get_param("KeyId")
+        self._validate_key_id(key_id or "")
+        _authorize(self, key_id, "kms:GenerateDataKey", attestation)
+        result = json.loads(original(self))
+        plaintext = base64.b64decode(result.pop("Plaintext"))
+        result["CiphertextForRecipient"] = _for_recipient(plaintext, attestation)
+        return json.dumps(result)
+
+    return generate_data_key
+
+
+def _patched_generate_random(original: Callable[[KmsResponse], str]) -> Callable[[KmsResponse], str]:
+    def generate_random(self: KmsResponse) -> str:
+        attestation = _verify_recipient(self)
+        if attestation is None:
+            return original(self)
+        result = json.loads(original(self))
+        entropy = base64.b64decode(result.pop("Plaintext"))
+        return json.dumps({"CiphertextForRecipient": _for_recipient(entropy, attestation)})
+
+    return generate_random
+
+
+def _new_key_pair(spec: str) -> tuple[bytes, bytes]:
+    """(PKCS#8 DER private key, SPKI DER public key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if spec.startswith("RSA_"):
+        private: Any = rsa.generate_private_key(public_exponent=65537, key_size=int(spec[4:]))
+    else:
+        curve = {"ECC_NIST_P256": ec.SECP256R1, "ECC_NIST_P384": ec.SECP384R1, "ECC_NIST_P521": ec.SECP521R1}[spec]
+        private = ec.generate_private_key(curve())
+    private_der = private.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public_der = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private_der, public_der
+
+
+def generate_data_key_pair(self: KmsResponse) -> str:
+    """GenerateDataKeyPair, which moto lacks: the private key is returned encrypted under the KMS key and
+    in plaintext, or, with Recipient, as CiphertextForRecipient instead of plaintext."""
+    key_id = self._get_param("KeyId")
+    spec = self._get_param("KeyPairSpec")
+    self._validate_key_id(key_id or "")
+    if spec not in KEY_PAIR_SPECS:
+        raise ValidationException(
+            f"1 validation error detected: Value '{spec}' at 'keyPairSpec' failed to satisfy constraint: "
+            f"Member must satisfy enum value set: [{', '.join(KEY_PAIR_SPECS)}]"
+        )
+    attestation = _verify_recipient(self)
+    if attestation is not None:
+        _authorize(self, key_id, "kms:GenerateDataKeyPair", attestation)
+    private_der, public_der = _new_key_pair(spec)
+    blob, arn = self.kms_backend.encrypt(
+        key_id=key_id, plaintext=private_der, encryption_context=self._get_param("EncryptionContext", {})
+    )
+    result = {
+        "PrivateKeyCiphertextBlob": base64.b64encode(blob).decode(),
+        "PublicKey": base64.b64encode(public_der).decode(),
+        "KeyId": arn,
+        "KeyPairSpec": spec,
+    }
+    if attestation is None:
+        result["PrivateKeyPlaintext"] = base64.b64encode(private_der).decode()
+    else:
+        result["CiphertextForRecipient"] = _for_recipient(private_der, attestation)
+    return json.dumps(result)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fault injection (tests only)
+
+
+def _take_fault(action: str) -> bool:
+    path = os.environ.get(FAULTS_ENV)
+    if not path:
+        return False
+    with _lock:
+        try:
+            faults = json.loads(Path(path).read_text() or "{}")
+        except (OSError, ValueError):
+            return False
+        left = int(faults.get(action, 0))
+        if left <= 0:
+            return False
+        faults[action] = left - 1
+        Path(path).write_text(json.dumps(faults))
+        return True
+
+
+def _patched_call_action(original: Callable[[KmsResponse], Any]) -> Callable[[KmsResponse], Any]:
+    def call_action(self: KmsResponse) -> Any:
+        if _take_fault(self._get_action()):
+            error = ThrottlingException()
+            return error.code, dict(self.response_headers), error.description
+        return original(self)
+
+    return call_action
+
+
+def install(attestation_roots: list[str] | None = None, **_: object) -> None:
+    """Patch moto's KmsResponse before the server starts. Idempotent."""
+    _state["extra_roots"] = [_read_root(spec) for spec in attestation_roots or []]
+    _state["roots"] = None
+    if getattr(KmsResponse, "_nitro_attested", False):
+        return
+    KmsResponse.decrypt = _patched_decrypt(KmsResponse.decrypt)  # type: ignore[method-assign]
+    KmsResponse.generate_data_key = _patched_generate_data_key(KmsResponse.generate_data_key)  # type: ignore[method-assign]
+    KmsResponse.generate_random = _patched_generate_random(KmsResponse.generate_random)  # type: ignore[method-assign]
+    KmsResponse.generate_data_key_pair = generate_data_key_pair  # type: ignore[attr-defined]
+    KmsResponse.call_action = _patched_call_action(KmsResponse.call_action)  # type: ignore[method-assign]
+    KmsResponse._nitro_attested = True  # type: ignore[attr-defined]
+
+
+__all__ = ["AccessDeniedException", "install", "trusted_roots"]
