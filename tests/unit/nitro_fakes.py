@@ -1,0 +1,290 @@
+"""Test helpers for the nitro modules: fake sysfs trees, a fake stateful nitro-cli, a fake docker,
+small EIFs, and running a module's main() under ansible-core's patch_module_args harness."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import stat
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake sysfs
+
+
+def make_sysfs(
+    root: Path,
+    *,
+    cpus: int = 8,
+    threads: int = 2,
+    nodes: int = 1,
+    offline: tuple[int, ...] = (),
+    mem_available_mib: int = 16384,
+    hugepages: int = 0,
+    hugepage_kib: int = 2048,
+    node_dirs: bool = True,
+) -> Path:
+    """A sysfs/procfs tree shaped like an EC2 instance: SMT siblings are CPU i and i + cpus/threads
+    (8 vCPUs: 0&4, 1&5, ...); cores are split evenly across NUMA nodes in order."""
+    cores = cpus // threads
+    online = [c for c in range(cpus) if c not in offline]
+    cpu_dir = root / "sys/devices/system/cpu"
+    cpu_dir.mkdir(parents=True, exist_ok=True)
+    (cpu_dir / "online").write_text(_fmt(online) + "\n")
+    per_node = max(1, cores // nodes)
+    node_cpus: dict[int, list[int]] = {n: [] for n in range(nodes)}
+    for cpu in range(cpus):
+        core = cpu % cores
+        siblings = [core + t * cores for t in range(threads)]
+        topo = cpu_dir / f"cpu{cpu}/topology"
+        topo.mkdir(parents=True, exist_ok=True)
+        (topo / "thread_siblings_list").write_text(",".join(map(str, siblings)) + "\n")
+        node_cpus[min(core // per_node, nodes - 1)].append(cpu)
+    if node_dirs:
+        for node, members in node_cpus.items():
+            node_dir = root / f"sys/devices/system/node/node{node}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            (node_dir / "cpulist").write_text(_fmt([c for c in members if c in online]) + "\n")
+    proc = root / "proc"
+    proc.mkdir(parents=True, exist_ok=True)
+    (proc / "meminfo").write_text(
+        f"MemTotal:       {(mem_available_mib + 1024) * 1024} kB\n"
+        f"MemFree:        {mem_available_mib * 512} kB\n"
+        f"MemAvailable:   {mem_available_mib * 1024} kB\n"
+        f"HugePages_Total:    {hugepages}\n"
+        f"HugePages_Free:     {hugepages}\n"
+        f"Hugepagesize:       {hugepage_kib} kB\n"
+    )
+    return root
+
+
+def _fmt(cpus: list[int]) -> str:
+    from nitro_module_utils.allocator import format_cpu_list
+
+    return format_cpu_list(cpus)
+
+
+# ---------------------------------------------------------------------------------------------
+# Executable fakes
+
+
+def write_script(path: Path, body: str) -> Path:
+    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+# A stateful nitro-cli stand-in: enclaves live in $FAKE_NITRO_STATE (JSON); every call is appended
+# to $FAKE_NITRO_STATE.log so tests can assert what ran (e.g. nothing in check mode).
+FAKE_NITRO_CLI = r"""
+import json, os, sys
+from nitro_module_utils.eif import read_eif
+
+state_path = os.environ["FAKE_NITRO_STATE"]
+argv = sys.argv[1:]
+with open(state_path + ".log", "a") as log:
+    log.write(json.dumps(argv) + "\n")
+try:
+    with open(state_path) as f:
+        state = json.load(f)
+except FileNotFoundError:
+    state = {"enclaves": [], "next": 1}
+
+def save():
+    with open(state_path, "w") as f:
+        json.dump(state, f)
+
+def fail(code, text):
+    sys.stderr.write(f"[ E{code:02d} ] {text}\n\nFor more details, please visit "
+                     f"https://docs.aws.amazon.com/enclaves/latest/user/cli-errors.html#E{code:02d}\n")
+    sys.exit(code)
+
+def opt(name, default=None):
+    return argv[argv.index(name) + 1] if name in argv else default
+
+forced = os.environ.get("FAKE_NITRO_FAIL", "")
+if forced and argv and forced.split(":")[0] == argv[0]:
+    fail(int(forced.split(":")[1]), forced.split(":", 2)[2])
+
+cmd = argv[0] if argv else ""
+if cmd == "--version":
+    print("Nitro CLI " + os.environ.get("FAKE_NITRO_VERSION", "1.4.2"))
+elif cmd == "describe-enclaves":
+    print(json.dumps(state["enclaves"], indent=2))
+elif cmd == "run-enclave":
+    eif = opt("--eif-path")
+    image = read_eif(eif)
+    name = opt("--enclave-name") or os.path.basename(eif).removesuffix(".eif")
+    if any(e["EnclaveName"] == name for e in state["enclaves"]):
+        name = name + "_1"
+    if "--cpu-ids" in argv:
+        i = argv.index("--cpu-ids") + 1
+        ids = []
+        while i < len(argv) and not argv[i].startswith("--"):
+            ids.append(int(argv[i])); i += 1
+    else:
+        ids = list(range(1, 1 + int(opt("--cpu-count"))))
+    memory = int(opt("--memory"))
+    memory += memory % 2
+    slot = state["next"]; state["next"] += 1
+    record = {"EnclaveName": name, "EnclaveID": f"i-0000000000000000-enc{slot:x}", "ProcessID": 1000 + slot,
+              "EnclaveCID": int(opt("--enclave-cid", 16 + slot)), "NumberOfCPUs": len(ids), "CPUIDs": ids,
+              "MemoryMiB": memory}
+    print(json.dumps(record, indent=2))
+    record["State"] = "RUNNING"
+    record["Flags"] = "DEBUG_MODE" if "--debug-mode" in argv else "NONE"
+    record["Measurements"] = image.measurements
+    state["enclaves"].append(record)
+    save()
+elif cmd == "terminate-enclave":
+    if "--all" in argv:
+        gone, state["enclaves"] = state["enclaves"], []
+        save()
+        print(json.dumps([{"EnclaveName": e["EnclaveName"], "EnclaveID": e["EnclaveID"], "Terminated": True}
+                          for e in gone], indent=2))
+    else:
+        eid = opt("--enclave-id")
+        match = [e for e in state["enclaves"] if e["EnclaveID"] == eid]
+        if not match:
+            fail(11, "Socket error. no such enclave")
+        state["enclaves"] = [e for e in state["enclaves"] if e["EnclaveID"] != eid]
+        save()
+        print(json.dumps({"EnclaveName": match[0]["EnclaveName"], "EnclaveID": eid, "Terminated": True}, indent=2))
+elif cmd == "build-enclave":
+    from nitro_module_utils.eif import write_eif, make_metadata
+    uri = opt("--docker-uri")
+    images = json.load(open(os.environ["FAKE_DOCKER_IMAGES"]))
+    if opt("--docker-dir"):
+        content = open(os.path.join(opt("--docker-dir"), "Dockerfile"), "rb").read()
+        images[uri] = "sha256:" + __import__("hashlib").sha256(content).hexdigest()
+        json.dump(images, open(os.environ["FAKE_DOCKER_IMAGES"], "w"))
+    if uri not in images:
+        fail(50, "Docker image pull error. not found")
+    custom = json.load(open(opt("--metadata"))) if opt("--metadata") else None
+    info = {"BuildTime": "1970-01-01T00:00:00+00:00", "BuildTool": "fake", "BuildToolVersion": "0",
+            "OperatingSystem": "Linux", "KernelVersion": "4.14"}
+    meta = make_metadata(opt("--name", "img"), opt("--version", "1.0"), info, None, custom)
+    pcrs = write_eif(opt("--output-file"), kernel=b"KERNEL", cmdline="console=ttyS0",
+                     ramdisks=[b"BOOT", images[uri].encode()], metadata=meta)
+    sys.stderr.write("Enclave Image successfully created.\n")
+    print(json.dumps({"Measurements": pcrs}, indent=2))
+else:
+    sys.stderr.write("error: unrecognized subcommand\n")
+    sys.exit(2)
+"""
+
+FAKE_DOCKER = r"""
+import json, os, sys
+images = json.load(open(os.environ["FAKE_DOCKER_IMAGES"]))
+args = sys.argv[1:]
+if args[:2] == ["image", "inspect"]:
+    uri = args[-1]
+    if uri in images:
+        print(images[uri]); sys.exit(0)
+    sys.stderr.write(f"Error: No such image: {uri}\n"); sys.exit(1)
+sys.exit(2)
+"""
+
+
+class FakeHost:
+    """A fake nitro-cli + docker on PATH, with state files under tmp_path."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir()
+        self.state = tmp_path / "nitro-state.json"
+        self.images = tmp_path / "docker-images.json"
+        self.images.write_text("{}")
+        self.sockets = tmp_path / "sockets"
+        self.cli = write_script(self.bin / "nitro-cli", FAKE_NITRO_CLI)
+        write_script(self.bin / "docker", FAKE_DOCKER)
+        monkeypatch.setenv("PATH", f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}")
+        monkeypatch.setenv("FAKE_NITRO_STATE", str(self.state))
+        monkeypatch.setenv("FAKE_DOCKER_IMAGES", str(self.images))
+        monkeypatch.setenv("NITRO_CLI_SOCKETS_PATH", str(self.sockets))
+        monkeypatch.setenv("NITRO_VSOCK_DIR", str(tmp_path / "vsock"))
+        monkeypatch.delenv("NITRO_CLI_BIN", raising=False)
+        monkeypatch.delenv("FAKE_NITRO_FAIL", raising=False)
+
+    def enclaves(self) -> list[dict[str, Any]]:
+        if not self.state.exists():
+            return []
+        return json.loads(self.state.read_text())["enclaves"]
+
+    def calls(self) -> list[list[str]]:
+        log = Path(str(self.state) + ".log")
+        if not log.exists():
+            return []
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    def subcommands(self) -> list[str]:
+        return [call[0] for call in self.calls() if call]
+
+    def set_image(self, uri: str, image_id: str) -> None:
+        images = json.loads(self.images.read_text())
+        images[uri] = image_id
+        self.images.write_text(json.dumps(images))
+
+
+def make_eif(path: Path, payload: bytes = b"APP", size_pad: int = 0) -> dict[str, str]:
+    from nitro_module_utils.eif import make_metadata, write_eif
+
+    info = {
+        "BuildTime": "1970-01-01T00:00:00+00:00",
+        "BuildTool": "test",
+        "BuildToolVersion": "0",
+        "OperatingSystem": "Linux",
+        "KernelVersion": "4.14",
+    }
+    return write_eif(
+        path,
+        kernel=b"KERNEL",
+        cmdline="console=ttyS0",
+        ramdisks=[b"BOOT", payload + b"\0" * size_pad],
+        metadata=make_metadata("t", "1.0", info),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Module harness (ansible-core 2.19 patch_module_args)
+
+
+def load_module(name: str) -> Any:
+    """Import library/<name>.py with its `ansible.module_utils.X` imports served by nitro_module_utils."""
+    import nitro_module_utils.allocator
+    import nitro_module_utils.eif
+    import nitro_module_utils.nitro_cli
+
+    for short, module in (
+        ("allocator", nitro_module_utils.allocator),
+        ("eif", nitro_module_utils.eif),
+        ("nitro_cli", nitro_module_utils.nitro_cli),
+    ):
+        sys.modules.setdefault(f"ansible.module_utils.{short}", module)
+    spec = importlib.util.spec_from_file_location(f"library_{name}", REPO / "library" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_module(module: Any, args: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """Run module.main() with `args` (plus _ansible_* keys); return the JSON result with `rc` = exit code."""
+    from ansible.module_utils.testing import patch_module_args
+
+    capsys.readouterr()
+    with patch_module_args(args), pytest.raises(SystemExit) as exc:
+        module.main()
+    out = capsys.readouterr().out
+    result = json.loads(out)
+    result["rc_exit"] = exc.value.code
+    return result
