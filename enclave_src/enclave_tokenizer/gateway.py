@@ -1,0 +1,305 @@
+"""Local HTTP gateway (aiohttp) in front of the enclave, for apps in any language.
+
+    POST /v1/tokenize    {"pan": "..."} | {"pans": [...]} [, "mode": "opaque|fpe|reversible"]
+    POST /v1/detokenize  {"token": "..."} | {"tokens": [...]}; capability in the
+                         X-Detokenize-Capability header (or "capability" in the body)
+    GET  /healthz        200 only when the enclave is RUNNING, its key is provisioned and the app
+                         answers; ?attest=1 also verifies a fresh attestation document (nonce) against
+                         the EIF's measurements artifact.
+
+A monitor task polls the enclave; when it answers but is unprovisioned (first start, or a restart:
+its memory and key are gone) the gateway provisions it again. Requests are multiplexed over a pool of
+persistent vsock connections. Request bodies are never logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from aiohttp import web
+
+from . import parent
+from .client import AsyncClient, EnclaveUnavailable, TokenizerError
+from .parent import ConfigError, GatewayConfig
+
+log = logging.getLogger("enclave_tokenizer.gateway")
+
+_STATUS = {
+    "bad_json": 400,
+    "bad_request": 400,
+    "invalid_pan": 400,
+    "invalid_token": 400,
+    "batch_too_large": 413,
+    "forbidden": 403,
+    "not_provisioned": 503,
+    "enclave_unavailable": 503,
+    "busy": 503,
+}
+_DESCRIBE_TTL = 2.0
+_MAX_BACKOFF = 60.0
+
+
+def _error(code: str, message: str, status: int | None = None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status or _STATUS.get(code, 502))
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.cid: int | None = config.enclave_cid
+        self.client: AsyncClient = parent.async_client(config, self._current_cid)
+        self.enclave: dict[str, Any] = {"state": None if config.enclave_name else "UNCHECKED"}
+        self._described_at = 0.0
+        self.provision_error: dict[str, str] | None = None
+        self.provision_failures = 0
+        self._next_provision = 0.0
+        self._provision_lock = asyncio.Lock()
+        self._monitor: asyncio.Task[None] | None = None
+
+    def _current_cid(self) -> int:
+        if self.cid is None:
+            raise ConnectionRefusedError("enclave CID unknown: is the enclave running?")
+        return self.cid
+
+    # ---------------------------------------------------------------- enclave state
+    async def refresh_enclave(self, force: bool = False) -> None:
+        """Enclave state and CID from nitro-cli (cached briefly); a new CID means a restart."""
+        if not self.config.enclave_name or (not force and time.monotonic() - self._described_at < _DESCRIBE_TTL):
+            return
+        self._described_at = time.monotonic()
+        try:
+            entry = await parent.describe_enclave(self.config.nitro_cli, self.config.enclave_name)
+        except (OSError, RuntimeError) as exc:
+            self.enclave = {"state": "UNKNOWN", "error": str(exc)[:300]}
+            return
+        if entry is None:
+            self.enclave = {"state": "NOT_FOUND", "name": self.config.enclave_name}
+            return
+        self.enclave = {
+            "state": entry.get("State"),
+            "name": entry.get("EnclaveName"),
+            "id": entry.get("EnclaveID"),
+            "cid": entry.get("EnclaveCID"),
+        }
+        if self.config.enclave_cid is None and isinstance(entry.get("EnclaveCID"), int):
+            self.cid = entry["EnclaveCID"]
+
+    async def app_health(self) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            return await self.client.health(timeout=min(self.config.request_timeout, 3.0)), None
+        except TokenizerError as exc:
+            return None, exc.message
+
+    async def ensure_provisioned(self, health: dict[str, Any]) -> dict[str, Any]:
+        """Provision an answering but unprovisioned enclave (backoff after failures, except for a fresh
+        enclave that has never been asked). Returns the health after the attempt."""
+        if health.get("provisioned") or not self.config.provisioning_configured:
+            return health
+        fresh = health.get("provision_attempts") == 0
+        if not fresh and time.monotonic() < self._next_provision:
+            return health
+        async with self._provision_lock:
+            try:
+                request = parent.provision_request(self.config)
+                result = await self.client.provision(request)
+            except (TokenizerError, ConfigError, OSError) as exc:
+                code = getattr(exc, "code", "config_error")
+                message = getattr(exc, "message", str(exc))
+                self.provision_error = {"code": code, "message": message}
+                self.provision_failures += 1
+                self._next_provision = time.monotonic() + min(_MAX_BACKOFF, 2.0**self.provision_failures)
+                log.warning("provisioning the enclave failed: %s: %s", code, message)
+            else:
+                log.info("enclave provisioned (key check %s)", result.get("key_check"))
+                self.provision_error = None
+                self.provision_failures = 0
+        after, _ = await self.app_health()
+        return after or health
+
+    async def check(self, provision: bool = True, force_describe: bool = False) -> dict[str, Any]:
+        await self.refresh_enclave(force_describe)
+        health, app_error = await self.app_health()
+        if health is not None and provision:
+            health = await self.ensure_provisioned(health)
+        running = self.enclave.get("state") in ("RUNNING", "UNCHECKED")
+        provisioned = bool(health and health.get("provisioned"))
+        key_error = (health or {}).get("last_provision_error") or self.provision_error
+        if not provisioned and key_error is None and not self.config.provisioning_configured:
+            key_error = {"code": "config_error", "message": "kms_region/kms_ciphertext_file not configured"}
+        return {
+            "status": "ok" if running and health is not None and provisioned else "unavailable",
+            "enclave": self.enclave,
+            "app": {
+                "answering": health is not None,
+                "error": app_error,
+                "version": (health or {}).get("version"),
+                "uptime_s": (health or {}).get("uptime_s"),
+            },
+            "key": {
+                "provisioned": provisioned,
+                "key_check": (health or {}).get("key_check"),
+                "detokenize_enabled": (health or {}).get("detokenize_enabled"),
+                "last_error": None if provisioned else key_error,
+            },
+        }
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            try:
+                await self.check(force_describe=True)
+            except Exception as exc:  # the monitor must outlive any single failure
+                log.error("monitor: %s", type(exc).__name__)
+            await asyncio.sleep(self.config.monitor_interval)
+
+    async def attest(self) -> dict[str, Any]:
+        nonce = parent.fresh_nonce()
+        try:
+            document = await self.client.attest(nonce)
+        except TokenizerError as exc:
+            return {"valid": False, "check": "request", "error": f"{exc.code}: {exc.message}"}
+        from .attestation import AttestationError
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, parent.verify_document, document, nonce, self.config
+            )
+        except AttestationError as exc:
+            return {"valid": False, "check": exc.check, "error": exc.message}
+        except (ConfigError, OSError) as exc:
+            return {"valid": False, "check": "config", "error": str(exc)}
+
+    # ---------------------------------------------------------------- HTTP handlers
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, RecursionError):
+            raise TokenizerError("bad_json", "request body must be JSON") from None
+        if not isinstance(body, dict):
+            raise TokenizerError("bad_request", "request body must be a JSON object")
+        return body
+
+    async def _forward(self, enclave_request: dict[str, Any], many: str) -> web.Response:
+        items = enclave_request.get(many)
+        if items is not None and isinstance(items, list) and len(items) > self.config.max_batch:
+            return _error("batch_too_large", f"at most {self.config.max_batch} items per request")
+        try:
+            return web.json_response(await self.client.request(enclave_request))
+        except EnclaveUnavailable as exc:
+            log.warning("enclave unavailable: %s", exc.message)
+            return _error(exc.code, "the enclave is not answering")
+        except TokenizerError as exc:
+            return _error(exc.code, exc.message)
+
+    async def handle_tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request)
+        except TokenizerError as exc:
+            return _error(exc.code, exc.message)
+        forward: dict[str, Any] = {"op": "tokenize", "mode": body.get("mode", "opaque")}
+        if "pans" in body:
+            forward["pans"] = body["pans"]
+        elif "pan" in body:
+            forward["pan"] = body["pan"]
+        else:
+            return _error("bad_request", "'pan' or 'pans' is required")
+        return await self._forward(forward, "pans")
+
+    async def handle_detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request)
+        except TokenizerError as exc:
+            return _error(exc.code, exc.message)
+        capability = request.headers.get("X-Detokenize-Capability", body.get("capability"))
+        forward: dict[str, Any] = {"op": "detokenize", "capability": capability}
+        if "tokens" in body:
+            forward["tokens"] = body["tokens"]
+        elif "token" in body:
+            forward["token"] = body["token"]
+        else:
+            return _error("bad_request", "'token' or 'tokens' is required")
+        return await self._forward(forward, "tokens")
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        report = await self.check(provision=True)
+        if request.query.get("attest") in ("1", "true", "yes"):
+            report["attestation"] = await self.attest()
+            if not report["attestation"].get("valid"):
+                report["status"] = "unavailable"
+        return web.json_response(report, status=200 if report["status"] == "ok" else 503)
+
+    # ---------------------------------------------------------------- lifecycle
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body)
+        app.router.add_post("/v1/tokenize", self.handle_tokenize)
+        app.router.add_post("/v1/detokenize", self.handle_detokenize)
+        app.router.add_get("/healthz", self.handle_health)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await self.client.close()
+
+
+def _notify_systemd(message: str) -> None:
+    """sd_notify without libsystemd: lets the unit be Type=notify."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
+
+
+async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, signals: bool = False) -> None:
+    """Run until cancelled (tests) or, with ``signals``, until SIGTERM/SIGINT (service)."""
+    runner = web.AppRunner(Gateway(config).app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024)
+    await site.start()
+    log.info("gateway listening on http://%s:%s", config.listen_host, config.listen_port)
+    _notify_systemd("READY=1")
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    if signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="enclave-tokenizer gateway", description="HTTP gateway to the enclave")
+    parser.add_argument("--config", default=os.environ.get("ENCLAVE_TOKENIZER_CONFIG", parent.DEFAULT_CONFIG))
+    args = parser.parse_args(argv)
+    try:
+        config = GatewayConfig.load(args.config if os.path.exists(args.config) else None)
+    except ConfigError as exc:
+        parser.exit(2, f"enclave-tokenizer gateway: {exc}\n")
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(config, signals=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

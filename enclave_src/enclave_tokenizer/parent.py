@@ -1,0 +1,232 @@
+"""Parent-side plumbing shared by the gateway and the CLI: configuration, enclave discovery through
+nitro-cli, the provision request (ciphertext + instance-role credentials) and attestation checks.
+
+Configuration file (YAML, templated by the vsock_tokenizer role); every key may be overridden by the
+env var ``ENCLAVE_TOKENIZER_<KEY>`` (upper case). Keys and defaults: see ``GatewayConfig``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import kms
+from .client import AsyncClient, CidSource, Client
+
+ENV_PREFIX = "ENCLAVE_TOKENIZER_"
+DEFAULT_CONFIG = "/etc/enclave-tokenizer/gateway.yaml"
+MEASUREMENT_PCRS = {"PCR0": 0, "PCR1": 1, "PCR2": 2, "PCR8": 8}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class GatewayConfig:
+    # HTTP listener for local apps.
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    # Which enclave: a fixed CID, or discovered by name through `nitro-cli describe-enclaves`.
+    enclave_cid: int | None = None
+    enclave_name: str | None = None
+    enclave_port: int = 5000
+    nitro_cli: str = "nitro-cli"
+    # vsock client pool.
+    pool_size: int = 4
+    request_timeout: float = 5.0
+    connect_timeout: float = 2.0
+    max_batch: int = 1000  # PANs per HTTP request
+    max_body: int = 1 << 20
+    monitor_interval: float = 5.0  # health poll: detects enclave restarts and re-provisions
+    # Key bootstrap: what the enclave needs to call KMS Decrypt with attestation.
+    kms_region: str | None = None
+    kms_ciphertext_file: str | None = None  # GenerateDataKeyWithoutPlaintext's CiphertextBlob (raw or base64)
+    kms_key_id: str | None = None
+    kms_endpoint: str | None = None  # URL the ENCLAVE signs for (local: the local KMS); default regional
+    kms_proxy_port: int = kms.DEFAULT_PROXY_PORT
+    kms_encryption_context: dict[str, str] = field(default_factory=dict)
+    aws_profile: str | None = None  # credentials: botocore default chain (instance role on EC2)
+    detokenize_capability_sha256: str | None = None
+    # Attestation check for `/healthz?attest=1` and `enclave-tokenizer attest --verify`.
+    measurements_file: str | None = None  # <eif>.measurements.json
+    attestation_root_pem: str | None = None  # default: AWS Nitro Enclaves Root G1
+    allow_debug: bool = False
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> GatewayConfig:
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"cannot read config {path}: {exc}") from None
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: top level must be a mapping")
+            data.update(loaded or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        for name in fields:
+            raw = os.environ.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                data[name] = yaml.safe_load(raw) if raw else None
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls(**data)
+        config._check()
+        return config
+
+    def _check(self) -> None:
+        for name, kind in (("listen_port", int), ("enclave_port", int), ("pool_size", int), ("kms_proxy_port", int)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"{name} must be an integer")
+        if self.enclave_cid is None and not self.enclave_name:
+            raise ConfigError("set enclave_cid or enclave_name")
+        if not isinstance(self.kms_encryption_context, dict):
+            raise ConfigError("kms_encryption_context must be a mapping of strings")
+
+    @property
+    def provisioning_configured(self) -> bool:
+        return bool(self.kms_region and self.kms_ciphertext_file)
+
+
+# ------------------------------------------------------------------------------------ enclave discovery
+
+
+async def describe_enclave(nitro_cli: str, name: str) -> dict[str, Any] | None:
+    """The `nitro-cli describe-enclaves` entry named ``name`` (None if absent)."""
+    proc = await asyncio.create_subprocess_exec(
+        nitro_cli, "describe-enclaves", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError("nitro-cli describe-enclaves timed out") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"nitro-cli describe-enclaves failed: {err.decode(errors='replace').strip()[:300]}")
+    try:
+        enclaves = json.loads(out)
+    except ValueError:
+        raise RuntimeError("nitro-cli describe-enclaves printed no JSON") from None
+    for enclave in enclaves if isinstance(enclaves, list) else []:
+        if isinstance(enclave, dict) and enclave.get("EnclaveName") == name:
+            return enclave
+    return None
+
+
+# ------------------------------------------------------------------------------------ provisioning
+
+
+def read_ciphertext(path: str) -> bytes:
+    """The data key's KMS ciphertext: raw bytes, or their base64 text (what the AWS CLI prints)."""
+    raw = Path(path).read_bytes()
+    text = raw.strip()
+    try:
+        if text and all(c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n\r" for c in text):
+            return base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        pass
+    return raw
+
+
+def current_credentials(profile: str | None = None) -> kms.Credentials:
+    """Temporary credentials from botocore's default chain (the instance role on EC2)."""
+    import botocore.session
+
+    session = botocore.session.Session(profile=profile)
+    creds = session.get_credentials()
+    if creds is None:
+        raise ConfigError("no AWS credentials found (instance role, environment or profile)")
+    frozen = creds.get_frozen_credentials()
+    return kms.Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+
+def provision_request(config: GatewayConfig) -> dict[str, Any]:
+    """The `provision` request body (contains temporary credentials: never log it)."""
+    if not config.provisioning_configured:
+        raise ConfigError("kms_region and kms_ciphertext_file are required to provision")
+    assert config.kms_ciphertext_file is not None
+    creds = current_credentials(config.aws_profile)
+    request: dict[str, Any] = {
+        "ciphertext_blob": base64.b64encode(read_ciphertext(config.kms_ciphertext_file)).decode(),
+        "region": config.kms_region,
+        "credentials": {
+            "access_key_id": creds.access_key_id,
+            "secret_access_key": creds.secret_access_key,
+            **({"session_token": creds.session_token} if creds.session_token else {}),
+        },
+        "proxy_port": config.kms_proxy_port,
+    }
+    for key, value in (
+        ("endpoint", config.kms_endpoint),
+        ("key_id", config.kms_key_id),
+        ("encryption_context", config.kms_encryption_context or None),
+        ("detokenize_capability_sha256", config.detokenize_capability_sha256),
+    ):
+        if value:
+            request[key] = value
+    return request
+
+
+# ------------------------------------------------------------------------------------ attestation
+
+
+def load_measurements(path: str | os.PathLike[str]) -> dict[int, str]:
+    """Expected PCRs from an `<eif>.measurements.json` artifact: {index: lowercase hex}."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        measurements = data["Measurements"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read measurements from {path}: {type(exc).__name__}") from None
+    pcrs = {index: str(measurements[name]).lower() for name, index in MEASUREMENT_PCRS.items() if name in measurements}
+    if 0 not in pcrs:
+        raise ConfigError(f"{path} has no PCR0")
+    return pcrs
+
+
+def verify_document(document: bytes, nonce: bytes, config: GatewayConfig) -> dict[str, Any]:
+    """Verify an enclave's document against the measurements artifact; JSON-ready result.
+
+    Raises attestation.AttestationError (with ``check``) or ConfigError.
+    """
+    from . import attestation
+
+    expected = load_measurements(config.measurements_file) if config.measurements_file else None
+    if expected is None:
+        raise ConfigError("measurements_file is required to verify attestation")
+    root = Path(config.attestation_root_pem).read_bytes() if config.attestation_root_pem else None
+    result = attestation.verify_attestation_document(
+        document, root_pem=root, expected_pcrs=expected, nonce=nonce, allow_debug=config.allow_debug
+    )
+    return result.to_json_dict()
+
+
+def fresh_nonce() -> bytes:
+    return secrets.token_bytes(32)
+
+
+def sync_client(config: GatewayConfig, cid: int) -> Client:
+    return Client(cid, config.enclave_port, timeout=config.request_timeout, pool_size=config.pool_size)
+
+
+def async_client(config: GatewayConfig, cid: CidSource) -> AsyncClient:
+    return AsyncClient(
+        cid,
+        config.enclave_port,
+        timeout=config.request_timeout,
+        connect_timeout=config.connect_timeout,
+        pool_size=config.pool_size,
+    )

@@ -1,0 +1,140 @@
+"""Wire protocol between the parent and the enclave (documented in enclave_src/README.md).
+
+A frame is a 4-byte big-endian unsigned length followed by that many bytes of UTF-8 JSON (one object).
+Requests: ``{"v": 1, "id": <int|str>, "op": "<name>", ...}``.
+Responses: ``{"v": 1, "id": <same>, "ok": true, "result": {...}}`` or
+``{"v": 1, "id": <same|null>, "ok": false, "error": {"code": "...", "message": "..."}}``.
+Responses carry the request id; clients may pipeline and must match by id (slow ops may overtake).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_FRAME = 1 << 20  # 1 MiB: a batch of 10,000 PANs is ~250 KiB
+MAX_ID_LENGTH = 128
+
+_encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+_pack = HEADER.pack
+
+
+class ProtocolError(Exception):
+    """A framing or message error with a stable code; ``fatal`` means the stream cannot continue."""
+
+    def __init__(self, code: str, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    body = _encoder.encode(message).encode("ascii")
+    return _pack(len(body)) + body
+
+
+def decode_message(body: bytes) -> dict[str, Any]:
+    """JSON object of a frame body; anything else is a (non-fatal) ``bad_json``/``bad_request``."""
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        # ValueError covers JSONDecodeError and over-long integer literals; RecursionError deep nesting.
+        raise ProtocolError("bad_json", "frame body is not valid UTF-8 JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("bad_request", "frame body must be a JSON object")
+    return message
+
+
+def valid_id(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return isinstance(value, str) and len(value) <= MAX_ID_LENGTH
+
+
+def ok(request_id: object, result: dict[str, Any]) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
+
+
+def error(request_id: object, code: str, message: str) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": {"code": code, "message": message}}
+
+
+class FrameDecoder:
+    """Incremental frame splitter for protocol-based servers and clients (no copies of whole buffers)."""
+
+    __slots__ = ("_buffer", "error", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._buffer = bytearray()
+        self.max_frame = max_frame
+        self.error: ProtocolError | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held (0 between frames)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Complete frame bodies in ``data`` (plus what was buffered).
+
+        An oversize length sets ``error`` (fatal: the stream cannot be resynchronised); the frames
+        before it are still returned so that they get their answers first.
+        """
+        if self.error is not None:
+            return []
+        buf = self._buffer
+        buf += data
+        frames: list[bytes] = []
+        offset = 0
+        end = len(buf)
+        while end - offset >= HEADER_SIZE:
+            (length,) = HEADER.unpack_from(buf, offset)
+            if length > self.max_frame:
+                del buf[:]
+                self.error = ProtocolError(
+                    "frame_too_large", f"frame of {length} bytes exceeds the {self.max_frame}-byte limit", True
+                )
+                return frames
+            stop = offset + HEADER_SIZE + length
+            if stop > end:
+                break
+            frames.append(bytes(buf[offset + HEADER_SIZE : stop]))
+            offset = stop
+        if offset:
+            del buf[:offset]
+        return frames
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+    """``size`` bytes from a blocking socket; None on EOF before the first byte, EOFError mid-way."""
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            if not chunks:
+                return None
+            raise EOFError("connection closed in the middle of a frame")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def recv_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> bytes | None:
+    """One frame body from a blocking socket; None on a clean EOF between frames."""
+    header = recv_exactly(sock, HEADER_SIZE)
+    if header is None:
+        return None
+    (length,) = HEADER.unpack(header)
+    if length > max_frame:
+        raise ProtocolError("frame_too_large", f"frame of {length} bytes exceeds {max_frame}", True)
+    body = recv_exactly(sock, length)
+    if body is None and length:
+        raise EOFError("connection closed in the middle of a frame")
+    return body or b""

@@ -1,0 +1,203 @@
+"""Keyed, deterministic card-number tokens (PCI DSS 3.5.1.1: keyed hash of the entire PAN).
+
+Three modes, each with its own subkey derived by HKDF-SHA256 from the 32-byte data key that KMS
+releases to the attested enclave (domain separation: a token of one mode says nothing about another):
+
+- ``opaque`` (default): 32 lowercase hex chars = the first 128 bits of HMAC-SHA256(K_opaque, PAN).
+  Irreversible; unique in practice (collision probability ~ n^2 / 2^129).
+- ``fpe``: same length as the PAN, digits only, first 6 and last 4 kept, the middle from
+  HMAC-SHA256(K_fpe, PAN) mod 10^m. The Luhn check is made deliberately INVALID (one middle digit is
+  bumped if needed), so a token is never mistaken for a PAN and never equals one. Irreversible and NOT
+  unique: PANs that share BIN and last four map into ~0.9 * 10^m middles (m = length - 10), so with k such
+  PANs about k^2 / (1.8 * 10^m) collide (16 digits: 1,000 PANs per BIN+last4 -> ~0.56 collisions). Use it
+  for display/routing, the opaque token for joins.
+- ``reversible``: ``rv1.`` + base64url(AES-256-SIV(K_siv, PAN)) — deterministic authenticated
+  encryption; ``detokenize`` returns the PAN (the server gates it behind a separate capability secret).
+
+Nothing here logs or formats a PAN into an exception message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from dataclasses import dataclass
+from hashlib import sha256
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+MODES = ("opaque", "fpe", "reversible")
+MIN_DIGITS = 12
+MAX_DIGITS = 19
+KEEP_FIRST = 6
+KEEP_LAST = 4
+DATA_KEY_BYTES = 32
+HKDF_SALT = b"enclave-tokenizer/v1"
+INFO_OPAQUE = b"opaque-token/hmac-sha256"
+INFO_FPE = b"fpe-token/hmac-sha256"
+INFO_SIV = b"reversible-token/aes-256-siv"
+INFO_KCV = b"key-check-value"
+SIV_AAD = b"enclave-tokenizer/v1/pan"
+REVERSIBLE_PREFIX = "rv1."
+OPAQUE_HEX_CHARS = 32  # 128 bits of HMAC output
+
+_SEPARATORS = str.maketrans("", "", " -")
+# Luhn: digits at even offsets from the right are summed, the others doubled (9 subtracted above 9).
+_PLAIN = {str(d): d for d in range(10)}
+_DOUBLED = {str(d): (2 * d if d < 5 else 2 * d - 9) for d in range(10)}
+
+
+class TokenError(ValueError):
+    """A client error with a stable code; the message never contains the input."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid_pan(message: str) -> TokenError:
+    return TokenError("invalid_pan", message)
+
+
+def luhn_sum(digits: str) -> int:
+    """Luhn sum mod 10 of an ASCII digit string (0 means valid)."""
+    return (sum(map(_PLAIN.__getitem__, digits[::-2])) + sum(map(_DOUBLED.__getitem__, digits[-2::-2]))) % 10
+
+
+def luhn_valid(digits: str) -> bool:
+    return luhn_sum(digits) == 0
+
+
+def luhn_check_digit(partial: str) -> str:
+    """The digit that makes ``partial + digit`` Luhn-valid."""
+    return str((10 - luhn_sum(partial + "0")) % 10)
+
+
+def normalize_pan(value: object) -> str:
+    """Strip spaces and dashes; require 12-19 ASCII digits and a valid Luhn check."""
+    if not isinstance(value, str):
+        raise _invalid_pan("PAN must be a string of digits")
+    digits = value if value.isdigit() else value.translate(_SEPARATORS)
+    # isascii: str.isdigit accepts other scripts' digits (e.g. Arabic-Indic), which are not PANs.
+    if not (digits.isascii() and digits.isdigit()):
+        raise _invalid_pan("PAN may contain only digits, spaces and dashes")
+    if not MIN_DIGITS <= len(digits) <= MAX_DIGITS:
+        raise _invalid_pan(f"PAN must have {MIN_DIGITS}-{MAX_DIGITS} digits")
+    if luhn_sum(digits):
+        raise _invalid_pan("PAN fails the Luhn check")
+    return digits
+
+
+class _Hmac256:
+    """HMAC-SHA256 (RFC 2104) with the padded-key states computed once per key.
+
+    hmac.digest() re-keys on every call; copying the two prepared SHA-256 states halves the cost per token.
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        block = key.ljust(64, b"\0")  # keys here are 32 bytes, never longer than the block
+        self._inner = sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = sha256(bytes(b ^ 0x5C for b in block))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+def _hkdf(data_key: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=HKDF_SALT, info=info).derive(data_key)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, repr=False)
+class Tokenizer:
+    """Token operations under one data key; repr is suppressed so keys never reach a log."""
+
+    _opaque_mac: _Hmac256
+    _fpe_mac: _Hmac256
+    _siv: AESSIV
+    key_check: str
+
+    @classmethod
+    def from_data_key(cls, data_key: bytes) -> Tokenizer:
+        if len(data_key) != DATA_KEY_BYTES:
+            raise ValueError(f"data key must be {DATA_KEY_BYTES} bytes")
+        kcv = _hkdf(data_key, INFO_KCV, 32)
+        return cls(
+            _opaque_mac=_Hmac256(_hkdf(data_key, INFO_OPAQUE, 32)),
+            _fpe_mac=_Hmac256(_hkdf(data_key, INFO_FPE, 32)),
+            _siv=AESSIV(_hkdf(data_key, INFO_SIV, 64)),
+            # A key check value lets operators compare enclaves' keys without revealing them.
+            key_check=kcv[:4].hex(),
+        )
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(key_check={self.key_check})"
+
+    def opaque(self, pan: str) -> str:
+        return self._opaque_mac.digest(pan.encode("ascii"))[:16].hex()
+
+    def fpe(self, pan: str) -> str:
+        middle_len = len(pan) - KEEP_FIRST - KEEP_LAST
+        mac = self._fpe_mac.digest(pan.encode("ascii"))
+        # 128 bits reduced mod 10^m (m <= 9): the bias is below 2^-98.
+        middle = str(int.from_bytes(mac[:16], "big") % 10**middle_len).zfill(middle_len)
+        token = pan[:KEEP_FIRST] + middle + pan[-KEEP_LAST:]
+        if luhn_sum(token) == 0:
+            # Bumping one digit by 1 (mod 10) always changes the Luhn sum mod 10, doubled or not.
+            bumped = str((int(middle[-1]) + 1) % 10)
+            token = pan[:KEEP_FIRST] + middle[:-1] + bumped + pan[-KEEP_LAST:]
+        return token
+
+    def reversible(self, pan: str) -> str:
+        return REVERSIBLE_PREFIX + _b64url(self._siv.encrypt(pan.encode("ascii"), [SIV_AAD]))
+
+    def tokenize(self, pan: str, mode: str = "opaque") -> tuple[str, str]:
+        """(token, last_four) of an already-normalized PAN."""
+        if mode == "opaque":
+            return self.opaque(pan), pan[-KEEP_LAST:]
+        if mode == "fpe":
+            return self.fpe(pan), pan[-KEEP_LAST:]
+        if mode == "reversible":
+            return self.reversible(pan), pan[-KEEP_LAST:]
+        raise TokenError("bad_request", f"mode must be one of {', '.join(MODES)}")
+
+    def detokenize(self, token: object) -> str:
+        """PAN of a reversible token; any other input is ``invalid_token`` (never says why in detail)."""
+        if not isinstance(token, str) or not token.startswith(REVERSIBLE_PREFIX) or len(token) > 128:
+            raise TokenError("invalid_token", "not a reversible token")
+        try:
+            blob = _unb64url(token[len(REVERSIBLE_PREFIX) :])
+            pan = self._siv.decrypt(blob, [SIV_AAD]).decode("ascii")
+        except (binascii.Error, ValueError, InvalidTag, UnicodeDecodeError):
+            raise TokenError("invalid_token", "token is not valid under this key") from None
+        return pan
+
+
+def capability_digest(secret: str | bytes) -> str:
+    """SHA-256 hex of a detokenize capability secret: what provisioning binds, never the secret."""
+    raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+    return sha256(raw).hexdigest()
+
+
+def capability_matches(secret: object, expected_digest: str | None) -> bool:
+    if expected_digest is None or not isinstance(secret, str) or not secret or len(secret) > 1024:
+        return False
+    return hmac.compare_digest(capability_digest(secret), expected_digest)
