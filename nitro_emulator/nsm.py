@@ -326,16 +326,18 @@ def _signer_for(home: Path | None) -> NsmSigner:
         return signer
 
 
-def boot_pcrs(pcrs: Mapping[int, bytes], debug: bool = False) -> dict[int, bytes]:
+def boot_pcrs(pcrs: Mapping[int, bytes | str], debug: bool = False) -> dict[int, bytes]:
     """The 32 PCRs of a freshly started enclave: the given measurements, zeros elsewhere.
 
     In debug mode the Nitro hypervisor reports PCR0-2 as zeros (PCR3/PCR4 stay as measured).
     """
     out = {i: bytes(PCR_LEN) for i in range(MAX_PCRS)}
     for index, value in pcrs.items():
-        if not 0 <= int(index) < MAX_PCRS or len(value) != PCR_LEN:
+        # Hex strings are accepted because measurements artifacts carry PCRs as hex.
+        raw = bytes.fromhex(value) if isinstance(value, str) else bytes(value)
+        if not 0 <= int(index) < MAX_PCRS or len(raw) != PCR_LEN:
             raise ValueError(f"PCR{index} must be an index 0..31 with a 48-byte value")
-        out[int(index)] = bytes(value)
+        out[int(index)] = raw
     if debug:
         for index in (0, 1, 2):
             out[index] = bytes(PCR_LEN)
@@ -343,7 +345,7 @@ def boot_pcrs(pcrs: Mapping[int, bytes], debug: bool = False) -> dict[int, bytes
 
 
 def build_attestation_document(
-    pcrs: Mapping[int, bytes],
+    pcrs: Mapping[int, bytes | str],
     module_id: str,
     *,
     user_data: bytes | None = None,
@@ -378,7 +380,7 @@ class NsmDevice:
     """The NSM's state machine: PCR bank with locks, attestation, randomness. Thread-safe."""
 
     def __init__(
-        self, pcrs: Mapping[int, bytes], module_id: str, home: Path | None = None, debug: bool = False
+        self, pcrs: Mapping[int, bytes | str], module_id: str, home: Path | None = None, debug: bool = False
     ) -> None:
         self.module_id = module_id
         self._signer = _signer_for(home)
@@ -627,6 +629,12 @@ def start_nsm_server(
     module_id: str,
     home: Path | None = None,
     debug: bool = False,
+    *,
+    mode: int = 0o600,
 ) -> NsmServer:
-    """Start serving the NSM API for one enclave on ``socket_path`` (thread-based; call ``.close()``)."""
-    return NsmServer(Path(socket_path), NsmDevice(pcrs, module_id, home=home, debug=debug))
+    """Start serving the NSM API for one enclave on ``socket_path`` (thread-based; call ``.close()``).
+
+    ``pcrs``: the EIF measurements (PCR0/1/2, optional 3/4/8; bytes or hex); the rest of PCR0-15 is zero.
+    The socket is ``mode`` 0600 by default: whoever can connect can obtain documents for this enclave.
+    """
+    return NsmServer(Path(socket_path), NsmDevice(pcrs, module_id, home=home, debug=debug), mode=mode)

@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hmac
 import io
+import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -49,6 +53,7 @@ __all__ = [
     "aws_root_pem",
     "decode_document_text",
     "load_roots",
+    "pcrs_from_measurements",
     "verify_attestation_document",
 ]
 
@@ -126,18 +131,23 @@ class AttestationResult:
 
 def aws_root_pem() -> bytes:
     """The AWS Nitro Enclaves Root G1 PEM shipped in this package (checked against the pinned fingerprint)."""
+    return _aws_root()[0]
+
+
+@functools.cache
+def _aws_root() -> tuple[bytes, x509.Certificate]:
     pem = resources.files(__package__).joinpath(_ROOT_RESOURCE).read_bytes()
     cert = x509.load_pem_x509_certificate(pem)
     if _fingerprint(cert) != AWS_NITRO_ROOT_G1_SHA256:
         # A modified package file must never silently become the trust anchor.
         raise AttestationError("root", "shipped AWS root does not match the pinned SHA-256 fingerprint")
-    return pem
+    return pem, cert
 
 
 def load_roots(root_pem: bytes | str | Sequence[bytes | str] | None = None) -> list[x509.Certificate]:
     """Trust anchors: the pinned AWS root by default, else every certificate in the given PEM text(s)."""
     if root_pem is None:
-        return [x509.load_pem_x509_certificate(aws_root_pem())]
+        return [_aws_root()[1]]
     texts = [root_pem] if isinstance(root_pem, bytes | str) else list(root_pem)
     roots: list[x509.Certificate] = []
     for text in texts:
@@ -428,6 +438,36 @@ def _as_utc(at: dt.datetime | None) -> dt.datetime:
     if not isinstance(at, dt.datetime):
         raise AttestationError("input", "at must be a datetime")
     return at.replace(tzinfo=dt.UTC) if at.tzinfo is None else at.astimezone(dt.UTC)
+
+
+def pcrs_from_measurements(measurements: Mapping[str, Any] | str | Path) -> dict[int, str]:
+    """Expected PCRs from an EIF measurements artifact (``<eif>.measurements.json``) or nitro-cli JSON.
+
+    Accepts the parsed object, its JSON text, or a path. Reads ``Measurements.PCR<n>``; at least PCR0.
+    """
+    obj: Any = measurements
+    try:
+        if isinstance(measurements, Path):
+            obj = json.loads(measurements.read_text())
+        elif isinstance(measurements, str):
+            obj = json.loads(measurements)
+    except (OSError, ValueError) as exc:
+        raise AttestationError("input", f"measurements unreadable: {exc}") from None
+    table = obj.get("Measurements") if isinstance(obj, Mapping) else None
+    if not isinstance(table, Mapping):
+        raise AttestationError("input", "measurements lack a Measurements object")
+    pcrs: dict[int, str] = {}
+    for key, value in table.items():
+        match = re.fullmatch(r"PCR(\d{1,2})", str(key))
+        if not match:
+            continue  # HashAlgorithm and the like
+        if not isinstance(value, str) or not re.fullmatch(r"[0-9A-Fa-f]{96}", value):
+            raise AttestationError("input", f"measurement {key} is not 96 hex characters")
+        pcrs[int(match.group(1))] = value.lower()
+    if 0 not in pcrs:
+        raise AttestationError("input", "measurements lack PCR0")
+    _normalize_expected_pcrs(pcrs)  # index range check
+    return pcrs
 
 
 def verify_attestation_document(

@@ -1,5 +1,8 @@
 """``nitro-attest verify DOC``: verify a Nitro attestation document and print its content as JSON.
 
+``nitro-attest verify DOC [--root PEM] [--at ISO8601] [--pcr N=HEX ...] [--measurements JSON]
+[--nonce HEX] [--allow-debug]``; DOC is raw CBOR, base64 text (detected) or ``-`` for stdin.
+
 Exit codes: 0 valid; 1 the document failed a check (stdout JSON has ``valid: false`` and ``check``,
 stderr names the check); 2 usage or input error (unreadable file, bad --pcr/--at/--root value).
 """
@@ -17,7 +20,13 @@ from pathlib import Path
 
 from cryptography.utils import CryptographyDeprecationWarning
 
-from .attestation import MAX_DOCUMENT_LEN, AttestationError, decode_document_text, verify_attestation_document
+from .attestation import (
+    MAX_DOCUMENT_LEN,
+    AttestationError,
+    decode_document_text,
+    pcrs_from_measurements,
+    verify_attestation_document,
+)
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2
@@ -73,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--pcr", action="append", type=_parse_pcr, default=[], metavar="N=HEX", help="expected PCR value"
     )
+    verify.add_argument(
+        "--measurements",
+        type=Path,
+        metavar="JSON",
+        help="EIF measurements artifact (<eif>.measurements.json); its PCRs are expected, --pcr adds to them",
+    )
     verify.add_argument("--nonce", type=_parse_hex, metavar="HEX", help="expected nonce")
     verify.add_argument("--allow-debug", action="store_true", help="accept debug-mode documents (PCR0-2 zero)")
     return parser
@@ -112,9 +127,15 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"nitro-attest: {exc}", file=sys.stderr)
         return EXIT_USAGE
     expected: dict[int, str] = {}
+    if args.measurements is not None:
+        try:
+            expected.update(pcrs_from_measurements(args.measurements))
+        except AttestationError as exc:
+            print(f"nitro-attest: {args.measurements}: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE
     for index, value in args.pcr:
         if expected.get(index, value) != value:
-            print(f"nitro-attest: --pcr {index} given twice with different values", file=sys.stderr)
+            print(f"nitro-attest: PCR{index} given twice with different values", file=sys.stderr)
             return EXIT_USAGE
         expected[index] = value
     try:

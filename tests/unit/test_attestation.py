@@ -21,6 +21,7 @@ from enclave_tokenizer.attestation import (
     AttestationResult,
     aws_root_pem,
     decode_document_text,
+    pcrs_from_measurements,
     verify_attestation_document,
 )
 from hypothesis import HealthCheck, assume, given, settings
@@ -551,3 +552,51 @@ def test_fuzz_random_bytes(data: bytes) -> None:
         return
     with pytest.raises(AttestationError):
         verify_real(decoded)
+
+
+# --------------------------------------------------------------------------- measurements artifact
+
+
+def _artifact(pcrs: dict[int, bytes]) -> dict[str, Any]:
+    measurements: dict[str, str] = {"HashAlgorithm": "Sha384 { ... }"}
+    measurements.update({f"PCR{i}": v.hex().upper() for i, v in pcrs.items()})
+    return {"Measurements": measurements, "ImageDigest": "sha256:00", "EifPath": "/x.eif"}
+
+
+def test_pcrs_from_measurements_object_text_and_path(tmp_path: Path) -> None:
+    artifact = _artifact({i: PCRS[i] for i in (0, 1, 2)})
+    expected = {i: PCRS[i].hex() for i in (0, 1, 2)}
+    assert pcrs_from_measurements(artifact) == expected
+    assert pcrs_from_measurements(json.dumps(artifact)) == expected
+    path = tmp_path / "app.eif.measurements.json"
+    path.write_text(json.dumps(artifact))
+    assert pcrs_from_measurements(path) == expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {},
+        {"Measurements": []},
+        {"Measurements": {"PCR1": "00" * 48}},  # no PCR0
+        {"Measurements": {"PCR0": "00" * 47}},
+        {"Measurements": {"PCR0": "zz" * 48}},
+        {"Measurements": {"PCR0": "00" * 48, "PCR40": "00" * 48}},
+    ],
+)
+def test_pcrs_from_bad_measurements(bad: dict[str, Any]) -> None:
+    with pytest.raises(AttestationError) as info:
+        pcrs_from_measurements(bad)
+    assert info.value.check == "input"
+
+
+def test_emulator_document_against_its_measurements_artifact(emu_home: Path, emu_root: bytes) -> None:
+    artifact = _artifact({i: PCRS[i] for i in (0, 1, 2)})
+    hex_pcrs = {i: PCRS[i].hex() for i in (0, 1, 2)}  # the builder takes the artifact's hex too
+    doc = build_attestation_document(hex_pcrs, MODULE_ID, home=emu_home)
+    verify_attestation_document(doc, root_pem=emu_root, expected_pcrs=pcrs_from_measurements(artifact))
+    other = _artifact({0: b"\x99" * 48, 1: PCRS[1], 2: PCRS[2]})
+    check = failed_check(
+        lambda: verify_attestation_document(doc, root_pem=emu_root, expected_pcrs=pcrs_from_measurements(other))
+    )
+    assert check == "pcr"

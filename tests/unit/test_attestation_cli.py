@@ -137,3 +137,27 @@ def test_flipped_byte_document(raw_doc_file: Path, tmp_path: Path) -> None:
 def test_usage_errors_exit_2(args: list[str]) -> None:
     proc = run(*args)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
+
+
+def test_measurements_option(tmp_path: Path) -> None:
+    home = tmp_path / "emu"
+    pcrs = {0: b"\x07" * 48, 1: b"\x08" * 48, 2: b"\x09" * 48}
+    doc_file = tmp_path / "doc.cbor"
+    doc_file.write_bytes(build_attestation_document(pcrs, "i-1-enc1", home=home))
+    root = tmp_path / "root.pem"
+    root.write_bytes(emulator_root_pem(home))
+    good = tmp_path / "good.measurements.json"
+    good.write_text(
+        json.dumps(
+            {"Measurements": {"HashAlgorithm": "Sha384 { ... }", **{f"PCR{i}": v.hex() for i, v in pcrs.items()}}}
+        )
+    )
+    bad = tmp_path / "bad.measurements.json"
+    bad.write_text(json.dumps({"Measurements": {"PCR0": "aa" * 48}}))
+    assert run("verify", str(doc_file), "--root", str(root), "--measurements", str(good)).returncode == 0
+    proc = run("verify", str(doc_file), "--root", str(root), "--measurements", str(bad))
+    assert proc.returncode == 1 and json.loads(proc.stdout)["check"] == "pcr"
+    # A --pcr that contradicts the artifact is a usage error, not a silent override.
+    proc = run("verify", str(doc_file), "--root", str(root), "--measurements", str(good), "--pcr", "0=" + "aa" * 48)
+    assert proc.returncode == 2
+    assert run("verify", str(doc_file), "--measurements", str(tmp_path / "absent.json")).returncode == 2
