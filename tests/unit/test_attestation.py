@@ -600,3 +600,39 @@ def test_emulator_document_against_its_measurements_artifact(emu_home: Path, emu
         lambda: verify_attestation_document(doc, root_pem=emu_root, expected_pcrs=pcrs_from_measurements(other))
     )
     assert check == "pcr"
+
+
+# --------------------------------------------------------------------------- independent oracle
+
+
+def _openssl_verify(doc: bytes, root_pem: bytes, at: dt.datetime, tmp_path: Path) -> bool:
+    """`openssl verify -attime` over the document's chain, as the vectors README suggests."""
+    import subprocess
+
+    payload = payload_of(doc)
+    pem = [x509.load_der_x509_certificate(c).public_bytes(Encoding.PEM) for c in payload["cabundle"][1:]]
+    (tmp_path / "intermediates.pem").write_bytes(b"".join(pem))
+    (tmp_path / "leaf.pem").write_bytes(
+        x509.load_der_x509_certificate(payload["certificate"]).public_bytes(Encoding.PEM)
+    )
+    (tmp_path / "root.pem").write_bytes(root_pem)
+    argv = ["openssl", "verify", "-attime", str(int(at.timestamp())), "-CAfile", str(tmp_path / "root.pem")]
+    argv += ["-untrusted", str(tmp_path / "intermediates.pem"), str(tmp_path / "leaf.pem")]
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return proc.returncode == 0
+
+
+def test_openssl_agrees_on_real_and_emulator_chains(tmp_path: Path, emu_home: Path, emu_root: bytes) -> None:
+    assert _openssl_verify(REAL_DOC, aws_root_pem(), REAL_AT, tmp_path)
+    assert not _openssl_verify(REAL_DOC, aws_root_pem(), REAL_AT + dt.timedelta(hours=4), tmp_path)
+    assert not _openssl_verify(REAL_DOC, emu_root, REAL_AT, tmp_path)
+    doc = build_attestation_document(PCRS, MODULE_ID, home=emu_home)
+    now = dt.datetime.now(dt.UTC)
+    assert _openssl_verify(doc, emu_root, now, tmp_path)  # the emulator chain is standard X.509
+    assert not _openssl_verify(doc, emu_root, now + dt.timedelta(hours=4), tmp_path)
+    assert not _openssl_verify(doc, aws_root_pem(), now, tmp_path)
