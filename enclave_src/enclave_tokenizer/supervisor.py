@@ -1,0 +1,208 @@
+"""`enclave-supervisor`: keeps one enclave running as its configuration says.
+
+nitro-cli's run-enclave detaches and returns, so a oneshot unit that calls it loses track of the enclave
+(a reported user trap). This process is what the per-enclave service runs instead: it launches the
+enclave through nitro-cli, watches `describe-enclaves` and the app's vsock port, and relaunches the
+enclave when it disappears, stops answering, or no longer matches its configuration (re-read every
+check, so a changed configuration is applied without restarting the service). Stopping the service
+terminates the enclave.
+
+The configuration is nitro-cli's `run-enclave --config` JSON. "Matches" is decided by the same
+comparison the nitro_enclave module uses (nitro_module_utils.enclave_spec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nitro_module_utils.eif import EifError, read_eif
+from nitro_module_utils.enclave_spec import differences
+from nitro_module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, vsock_connect
+
+log = logging.getLogger("enclave-supervisor")
+
+
+class ConfigError(Exception):
+    """The run configuration cannot be used; names the file and the problem."""
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Reads a run-enclave --config file and returns it as nitro_enclave module parameters."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    missing = [key for key in ("eif_path", "memory_mib", "enclave_name") if raw.get(key) in (None, "")]
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)}")
+    if (raw.get("cpu_count") is None) == (raw.get("cpu_ids") is None):
+        raise ConfigError(f"{path}: exactly one of cpu_count and cpu_ids must be set")
+    return {
+        "name": str(raw["enclave_name"]),
+        "eif_path": str(raw["eif_path"]),
+        "memory_mib": int(raw["memory_mib"]),
+        "cpu_count": None if raw.get("cpu_count") is None else int(raw["cpu_count"]),
+        "cpu_ids": None if raw.get("cpu_ids") is None else [int(cpu) for cpu in raw["cpu_ids"]],
+        "enclave_cid": None if raw.get("enclave_cid") is None else int(raw["enclave_cid"]),
+        "debug_mode": bool(raw.get("debug_mode", False)),
+    }
+
+
+@dataclass
+class Supervisor:
+    config_path: Path
+    health_port: int | None
+    failures_allowed: int = 3
+    startup_grace: float = 60.0
+    cli: NitroCli = field(default_factory=NitroCli)
+    _failures: int = 0
+    _launched_at: float = 0.0
+    _measured: tuple[tuple[str, int, int], dict[str, str]] | None = None
+
+    def measurements(self, eif_path: str) -> dict[str, str]:
+        """The EIF's PCRs, recomputed only when the file changed (a GiB EIF takes seconds to hash)."""
+        stat = Path(eif_path).stat()
+        key = (eif_path, stat.st_mtime_ns, stat.st_size)
+        if self._measured is None or self._measured[0] != key:
+            self._measured = (key, dict(read_eif(eif_path).measurements))
+        return self._measured[1]
+
+    def check(self) -> str:
+        """One reconciliation. Returns what it did: ok, starting, launched, relaunched."""
+        spec = load_config(self.config_path)
+        measurements = self.measurements(spec["eif_path"])
+        records = self.cli.enclaves_named(spec["name"])
+        if len(records) > 1:
+            self.terminate(spec["name"], f"{len(records)} enclaves share the name")
+            records = []
+        if records:
+            changed = differences(records[0], spec, measurements)
+            if changed:
+                self.terminate(spec["name"], "configuration changed: " + "; ".join(changed))
+                self.launch(spec)
+                return "relaunched"
+            return self.watch_health(spec, records[0])
+        log.info("enclave %s is not running: launching", spec["name"])
+        self.launch(spec)
+        return "launched"
+
+    def watch_health(self, spec: dict[str, Any], record: dict[str, Any]) -> str:
+        if self.health_port is None:
+            return "ok"
+        try:
+            vsock_connect(int(record["EnclaveCID"]), self.health_port, timeout=2.0).close()
+        except OSError as exc:
+            if time.monotonic() - self._launched_at < self.startup_grace:
+                return "starting"
+            self._failures += 1
+            log.warning(
+                "enclave %s does not answer on vsock port %d (%s), %d/%d",
+                spec["name"],
+                self.health_port,
+                exc,
+                self._failures,
+                self.failures_allowed,
+            )
+            if self._failures >= self.failures_allowed:
+                self.terminate(spec["name"], f"not answering on vsock port {self.health_port}")
+                self.launch(spec)
+                return "relaunched"
+            return "unhealthy"
+        self._failures = 0
+        return "ok"
+
+    def launch(self, spec: dict[str, Any]) -> None:
+        with launch_lock():
+            record = self.cli.run_enclave(
+                spec["eif_path"],
+                spec["memory_mib"],
+                cpu_count=spec["cpu_count"],
+                cpu_ids=spec["cpu_ids"],
+                enclave_cid=spec["enclave_cid"],
+                enclave_name=spec["name"],
+                debug_mode=spec["debug_mode"],
+            )
+        self._failures = 0
+        self._launched_at = time.monotonic()
+        log.info(
+            "launched enclave %s: id %s, CID %s, CPUs %s, %s MiB",
+            spec["name"],
+            record.get("EnclaveID"),
+            record.get("EnclaveCID"),
+            record.get("CPUIDs"),
+            record.get("MemoryMiB"),
+        )
+
+    def terminate(self, name: str, reason: str) -> None:
+        log.warning("terminating enclave %s: %s", name, reason)
+        try:
+            self.cli.terminate_enclave(name=name)
+        except NitroCliError as exc:
+            # Already gone (E58: no enclave of that name) is what terminating wanted.
+            if exc.code != 58:
+                raise
+
+
+def run(supervisor: Supervisor, interval: float, stop: threading.Event) -> int:
+    backoff = interval
+    while not stop.is_set():
+        try:
+            supervisor.check()
+            backoff = interval
+        except (ConfigError, EifError, NitroCliError, OSError) as exc:
+            # Keep trying with a growing delay: the cause (a bad EIF, an exhausted pool) may be fixed by ops.
+            log.error("%s; retrying in %.0f s", exc, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 60.0)
+            continue
+        stop.wait(interval)
+    try:
+        name = load_config(supervisor.config_path)["name"]
+        supervisor.terminate(name, "service stopping")
+    except (ConfigError, NitroCliError) as exc:
+        log.error("could not terminate on stop: %s", exc)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="enclave-supervisor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, type=Path, help="run-enclave --config JSON file")
+    parser.add_argument("--health-port", type=int, help="vsock port the app answers on (no health check if unset)")
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between checks (default 5)")
+    parser.add_argument("--failures", type=int, default=3, help="failed health checks before a relaunch (default 3)")
+    parser.add_argument("--startup-grace", type=float, default=60.0, help="seconds a new enclave may take to answer")
+    parser.add_argument("--nitro-cli", help="nitro-cli binary (default: nitro-cli on PATH)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    supervisor = Supervisor(
+        config_path=args.config,
+        health_port=args.health_port,
+        failures_allowed=args.failures,
+        startup_grace=args.startup_grace,
+        cli=NitroCli(args.nitro_cli),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return run(supervisor, args.interval, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
