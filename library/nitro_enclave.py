@@ -1,0 +1,452 @@
+#!/usr/bin/python
+# Copyright: the nitro-enclaves-ansible authors
+# Apache License 2.0 (see pyproject.toml)
+"""Ansible module: run, relaunch or terminate a named Nitro enclave."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: nitro_enclave
+short_description: Run, relaunch or terminate a named AWS Nitro enclave
+description:
+  - Ensures an enclave identified by O(name) runs a given EIF with given resources, or is gone.
+  - Idempotence compares what matters. The enclave of that name is left alone when it is C(RUNNING) with the
+    same PCR0, PCR1 and PCR2 as O(eif_path) (measured locally, no nitro-cli needed for that), the same CPU count or
+    CPU ids, the same memory, the same CID (when O(enclave_cid) is set) and the same debug flag. Anything different
+    terminates it and launches it again; the diff shows before and after.
+  - Launches and terminations are serialized per host with a lock file, because concurrent C(nitro-cli run-enclave)
+    calls fail.
+  - Works the same with the real nitro-cli and with the project's emulator (hosts without C(/dev/nitro_enclaves)).
+version_added: "0.1.0"
+author:
+  - nitro-enclaves-ansible authors
+options:
+  name:
+    description:
+      - The enclave name (C(--enclave-name)); the identity this module manages.
+      - Letters, digits, C(.), C(_) and C(-), starting with a letter or digit, at most 64 characters.
+    type: str
+    required: true
+  state:
+    description:
+      - V(running) launches the enclave unless an identical one runs. V(restarted) always terminates and launches
+        again. V(absent) terminates every enclave with that name.
+    type: str
+    choices: [running, absent, restarted]
+    default: running
+  eif_path:
+    description: The enclave image file. Required with O(state=running) and O(state=restarted).
+    type: path
+  cpu_count:
+    description:
+      - Number of vCPUs (full cores; the allocator pool must hold them). Mutually exclusive with O(cpu_ids).
+    type: int
+  cpu_ids:
+    description: Exactly which CPUs from the allocator pool to use. Mutually exclusive with O(cpu_count).
+    type: list
+    elements: int
+  memory_mib:
+    description:
+      - Enclave memory in MiB. At least 64 and at least 4 times the EIF file size. Required with O(state=running)
+        and O(state=restarted).
+      - nitro-cli may round the reported memory up to the hugepage size (2 MiB); that rounding is not a change.
+    type: int
+  enclave_cid:
+    description:
+      - The enclave's vsock CID, 4 to 4294967294. When unset the CID is assigned at launch and not compared.
+    type: int
+  debug_mode:
+    description:
+      - Launch in debug mode (console available).
+      - In debug mode the attestation document's PCR0, PCR1 and PCR2 are all zeros, so KMS keys bound to the image
+        measurements (C(kms:RecipientAttestation:ImageSha384) / C(PCRn) conditions) refuse the enclave. Refused
+        unless O(allow_debug_mode=true).
+    type: bool
+    default: false
+  allow_debug_mode:
+    description: Accept O(debug_mode=true) knowing that PCR-bound KMS keys will not work (development only).
+    type: bool
+    default: false
+  wait_for:
+    description:
+      - After the enclave runs, wait until it accepts connections on a vsock port.
+      - Uses emulated vsock (UNIX socket C($NITRO_VSOCK_DIR/<cid>/<port>)) when E(NITRO_VSOCK_DIR) is set or the host
+        is emulated, else C(AF_VSOCK).
+    type: dict
+    suboptions:
+      port:
+        description: The vsock port the enclave application listens on.
+        type: int
+        required: true
+      timeout:
+        description: Seconds to wait.
+        type: int
+        default: 60
+  timeout:
+    description: Seconds each nitro-cli call may take.
+    type: int
+    default: 300
+  lock_file:
+    description: The per-host launch lock. Default C($NITRO_CLI_SOCKETS_PATH/.ansible-launch.lock).
+    type: path
+  lock_timeout:
+    description: Seconds to wait for another launch on the same host to finish.
+    type: int
+    default: 300
+  nitro_cli_path:
+    description:
+      - The nitro-cli binary. Default E(NITRO_CLI_BIN), then C(nitro-cli) on PATH, then C(/usr/bin/nitro-cli), then
+        (emulated hosts only) C(nitro-cli-emulator).
+    type: path
+notes:
+  - Supports check mode and diff mode.
+seealso:
+  - module: nitro_eif
+  - module: nitro_allocator
+"""
+
+EXAMPLES = r"""
+- name: Run the tokenizer enclave and wait for its vsock port
+  nitro_enclave:
+    name: tokenizer
+    eif_path: /opt/enclaves/tokenizer.eif
+    cpu_count: 2
+    memory_mib: 1024
+    enclave_cid: 16
+    wait_for:
+      port: 5000
+      timeout: 120
+
+- name: Pin CPUs
+  nitro_enclave:
+    name: tokenizer
+    eif_path: /opt/enclaves/tokenizer.eif
+    cpu_ids: [2, 3]
+    memory_mib: 1024
+
+- name: Terminate it
+  nitro_enclave:
+    name: tokenizer
+    state: absent
+"""
+
+RETURN = r"""
+enclave:
+  description:
+    - The nitro-cli C(describe-enclaves) record of the enclave (empty when absent). In check mode, the current
+      record.
+  returned: always
+  type: dict
+  sample:
+    EnclaveName: tokenizer
+    EnclaveID: i-0000000000000000-enc18f0c1a2b3c4d5e6
+    ProcessID: 4242
+    EnclaveCID: 16
+    NumberOfCPUs: 2
+    CPUIDs: [1, 3]
+    MemoryMiB: 1024
+    State: RUNNING
+    Flags: NONE
+    Measurements: {HashAlgorithm: "Sha384 { ... }", PCR0: "...", PCR1: "...", PCR2: "..."}
+measurements:
+  description: The measurements of O(eif_path) computed locally.
+  returned: when O(eif_path) is given
+  type: dict
+actions:
+  description: What the module did (or would do in check mode), in order.
+  returned: always
+  type: list
+  elements: str
+  sample: ["terminate i-0000000000000000-enc1 (memory_mib 512 -> 1024)", "run tokenizer"]
+terminated:
+  description: Enclave IDs terminated.
+  returned: always
+  type: list
+  elements: str
+waited:
+  description: Seconds spent waiting for the vsock port.
+  returned: when O(wait_for) is set and the enclave runs
+  type: float
+"""
+
+import math
+import re
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.eif import EifError, read_eif
+from ansible.module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, wait_for_vsock
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MIN_MEMORY_MIB = 64
+MAX_CID = 2**32 - 2
+DEBUG_REFUSAL = (
+    "debug_mode: true refused: in debug mode the enclave's attestation documents carry all-zero PCR0, PCR1 and PCR2, "
+    "so KMS keys whose policy is bound to the image measurements (kms:RecipientAttestation:ImageSha384 / PCRn) "
+    "will refuse it. Set allow_debug_mode: true to launch it anyway (development only)."
+)
+
+
+def check_arguments(module: AnsibleModule) -> None:
+    p = module.params
+    if not NAME_RE.fullmatch(p["name"]):
+        module.fail_json(
+            msg=f"name {p['name']!r} is not allowed: use letters, digits, '.', '_' and '-', starting with a letter "
+            "or digit, at most 64 characters"
+        )
+    if p["state"] == "absent":
+        return
+    if p["debug_mode"] and not p["allow_debug_mode"]:
+        module.fail_json(msg=DEBUG_REFUSAL)
+    if p["memory_mib"] < MIN_MEMORY_MIB:
+        module.fail_json(
+            msg=f"memory_mib {p['memory_mib']} is below the minimum enclave memory of {MIN_MEMORY_MIB} MiB"
+        )
+    if p["cpu_count"] is not None and p["cpu_count"] <= 0:
+        module.fail_json(msg=f"cpu_count {p['cpu_count']} must be greater than 0")
+    if p["cpu_ids"] is not None:
+        ids = p["cpu_ids"]
+        if not ids:
+            module.fail_json(msg="cpu_ids is empty; give at least one CPU id (or use cpu_count)")
+        if any(cpu < 0 for cpu in ids):
+            module.fail_json(msg=f"cpu_ids {ids} has a negative CPU id")
+        if len(set(ids)) != len(ids):
+            module.fail_json(msg=f"cpu_ids {ids} names a CPU more than once")
+    cid = p["enclave_cid"]
+    if cid is not None and not 4 <= cid <= MAX_CID:
+        module.fail_json(
+            msg=f"enclave_cid {cid} is not allowed: CIDs 0-2 are reserved, 3 is the parent instance; use 4 to {MAX_CID}"
+        )
+    wait = p["wait_for"]
+    if wait is not None:
+        if not 1 <= wait["port"] <= 2**32 - 2:
+            module.fail_json(msg=f"wait_for.port {wait['port']} is not a vsock port (1 to {2**32 - 2})")
+        if wait["timeout"] < 0:
+            module.fail_json(msg=f"wait_for.timeout {wait['timeout']} must not be negative")
+
+
+def memory_matches(requested: int, reported: Any) -> bool:
+    """nitro-cli reports the hugepage regions it allocated, rounded up to 2 MiB pages."""
+    return reported in (requested, requested + (requested % 2))
+
+
+def differences(record: dict[str, Any], params: dict[str, Any], measurements: dict[str, str]) -> list[str]:
+    """What differs between a running enclave and the request; [] means no change."""
+    out: list[str] = []
+    if record.get("State") != "RUNNING":
+        out.append(f"state {record.get('State')} -> RUNNING")
+    running = record.get("Measurements") or {}
+    for pcr in ("PCR0", "PCR1", "PCR2"):
+        if running.get(pcr) != measurements.get(pcr):
+            out.append(f"{pcr} {str(running.get(pcr))[:16]}... -> {measurements.get(pcr, '')[:16]}...")
+    if params["cpu_ids"] is not None:
+        if sorted(record.get("CPUIDs") or []) != sorted(params["cpu_ids"]):
+            out.append(f"cpu_ids {record.get('CPUIDs')} -> {sorted(params['cpu_ids'])}")
+    elif record.get("NumberOfCPUs") != params["cpu_count"]:
+        out.append(f"cpu_count {record.get('NumberOfCPUs')} -> {params['cpu_count']}")
+    if not memory_matches(params["memory_mib"], record.get("MemoryMiB")):
+        out.append(f"memory_mib {record.get('MemoryMiB')} -> {params['memory_mib']}")
+    if params["enclave_cid"] is not None and record.get("EnclaveCID") != params["enclave_cid"]:
+        out.append(f"enclave_cid {record.get('EnclaveCID')} -> {params['enclave_cid']}")
+    debug = record.get("Flags") == "DEBUG_MODE"
+    if debug != params["debug_mode"]:
+        out.append(f"debug_mode {debug} -> {params['debug_mode']}")
+    return out
+
+
+def summary(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The compared fields of a describe record, for the diff."""
+    if not record:
+        return {}
+    measurements = record.get("Measurements") or {}
+    return {
+        "name": record.get("EnclaveName"),
+        "enclave_id": record.get("EnclaveID"),
+        "state": record.get("State"),
+        "cpu_ids": record.get("CPUIDs"),
+        "cpu_count": record.get("NumberOfCPUs"),
+        "memory_mib": record.get("MemoryMiB"),
+        "enclave_cid": record.get("EnclaveCID"),
+        "debug_mode": record.get("Flags") == "DEBUG_MODE",
+        "pcr0": measurements.get("PCR0"),
+        "pcr1": measurements.get("PCR1"),
+        "pcr2": measurements.get("PCR2"),
+    }
+
+
+def wanted(params: dict[str, Any], measurements: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": params["name"], "state": "RUNNING", "eif_path": params["eif_path"]}
+    if params["cpu_ids"] is not None:
+        out["cpu_ids"] = sorted(params["cpu_ids"])
+    else:
+        out["cpu_count"] = params["cpu_count"]
+    out["memory_mib"] = params["memory_mib"]
+    if params["enclave_cid"] is not None:
+        out["enclave_cid"] = params["enclave_cid"]
+    out["debug_mode"] = params["debug_mode"]
+    out.update({pcr.lower(): measurements.get(pcr) for pcr in ("PCR0", "PCR1", "PCR2")})
+    return out
+
+
+def measure(module: AnsibleModule) -> dict[str, str]:
+    path = module.params["eif_path"]
+    try:
+        image = read_eif(path)
+    except EifError as exc:
+        module.fail_json(msg=f"eif_path {path}: {exc}")
+    # nitro-cli's E26 rule, checked here so the message names the option.
+    minimum = math.ceil(math.ceil(image.file_size / 1024) / 1024) * 4
+    if module.params["memory_mib"] < minimum:
+        module.fail_json(
+            msg=f"memory_mib {module.params['memory_mib']} is too small for {path}: an enclave needs at least 4 times "
+            f"the EIF size, {minimum} MiB"
+        )
+    return image.measurements
+
+
+def fail_cli(module: AnsibleModule, what: str, exc: NitroCliError, **extra: Any) -> None:
+    module.fail_json(msg=f"{what}: {exc}", nitro_cli_error=exc.as_dict(), **extra)
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(
+            name=dict(type="str", required=True),
+            state=dict(type="str", default="running", choices=["running", "absent", "restarted"]),
+            eif_path=dict(type="path"),
+            cpu_count=dict(type="int"),
+            cpu_ids=dict(type="list", elements="int"),
+            memory_mib=dict(type="int"),
+            enclave_cid=dict(type="int"),
+            debug_mode=dict(type="bool", default=False),
+            allow_debug_mode=dict(type="bool", default=False),
+            wait_for=dict(
+                type="dict",
+                options=dict(port=dict(type="int", required=True), timeout=dict(type="int", default=60)),
+            ),
+            timeout=dict(type="int", default=300),
+            lock_file=dict(type="path"),
+            lock_timeout=dict(type="int", default=300),
+            nitro_cli_path=dict(type="path"),
+        ),
+        mutually_exclusive=[("cpu_count", "cpu_ids")],
+        required_if=[
+            ("state", "running", ("eif_path", "memory_mib")),
+            ("state", "running", ("cpu_count", "cpu_ids"), True),
+            ("state", "restarted", ("eif_path", "memory_mib")),
+            ("state", "restarted", ("cpu_count", "cpu_ids"), True),
+        ],
+        supports_check_mode=True,
+    )
+    check_arguments(module)
+    params = module.params
+    state = params["state"]
+    result: dict[str, Any] = {"changed": False, "enclave": {}, "actions": [], "terminated": []}
+    measurements: dict[str, str] = {}
+    if state != "absent":
+        measurements = measure(module)
+        result["measurements"] = measurements
+
+    try:
+        cli = NitroCli(params["nitro_cli_path"], timeout=params["timeout"])
+    except NitroCliError as exc:
+        module.fail_json(msg=str(exc))
+
+    try:
+        if module.check_mode:
+            apply(module, cli, measurements, result)
+        else:
+            with launch_lock(params["lock_file"], timeout=params["lock_timeout"]):
+                apply(module, cli, measurements, result)
+    except TimeoutError as exc:
+        module.fail_json(msg=str(exc), **result)
+    except OSError as exc:
+        module.fail_json(msg=f"cannot take the launch lock: {exc}", **result)
+
+    wait = params["wait_for"]
+    if wait and state != "absent" and not module.check_mode and result["enclave"]:
+        cid = int(result["enclave"]["EnclaveCID"])
+        try:
+            result["waited"] = round(wait_for_vsock(cid, wait["port"], timeout=wait["timeout"]), 3)
+        except TimeoutError as exc:
+            module.fail_json(msg=f"enclave {params['name']} is running but {exc}", **result)
+    module.exit_json(**result)
+
+
+def apply(module: AnsibleModule, cli: NitroCli, measurements: dict[str, str], result: dict[str, Any]) -> None:
+    params = module.params
+    state = params["state"]
+    name = params["name"]
+    try:
+        records = cli.enclaves_named(name)
+    except NitroCliError as exc:
+        fail_cli(module, "describe-enclaves failed", exc)
+
+    stale: list[dict[str, Any]] = []
+    if state == "absent":
+        stale = records
+        for record in stale:
+            result["actions"].append(f"terminate {record.get('EnclaveID')}")
+    elif state == "restarted":
+        stale = records
+        for record in stale:
+            result["actions"].append(f"terminate {record.get('EnclaveID')} (restart)")
+    else:
+        # Keep the first identical one; anything else with this name goes.
+        keep = next((r for r in records if not differences(r, params, measurements)), None)
+        stale = [r for r in records if r is not keep]
+        for record in stale:
+            why = ", ".join(differences(record, params, measurements)) or "duplicate name"
+            result["actions"].append(f"terminate {record.get('EnclaveID')} ({why})")
+        if keep is not None:
+            result["enclave"] = keep
+    launch = state != "absent" and not result["enclave"]
+    if launch:
+        result["actions"].append(f"run {name}")
+    result["changed"] = bool(stale) or launch
+    if module._diff and result["changed"]:
+        before = summary(records[0]) if records else {}
+        after = wanted(params, measurements) if state != "absent" else {}
+        result["diff"] = {"before": before, "after": after, "before_header": name, "after_header": name}
+    if module.check_mode:
+        if records and not result["enclave"] and state != "absent":
+            result["enclave"] = records[0]
+        return
+
+    for record in stale:
+        try:
+            cli.terminate_enclave(enclave_id=record["EnclaveID"])
+        except NitroCliError as exc:
+            fail_cli(module, f"terminate-enclave {record.get('EnclaveID')} failed", exc, **result)
+        result["terminated"].append(record["EnclaveID"])
+    if not launch:
+        return
+    try:
+        run = cli.run_enclave(
+            params["eif_path"],
+            params["memory_mib"],
+            cpu_count=params["cpu_count"],
+            cpu_ids=params["cpu_ids"],
+            enclave_cid=params["enclave_cid"],
+            enclave_name=name,
+            debug_mode=params["debug_mode"],
+        )
+    except NitroCliError as exc:
+        fail_cli(module, f"run-enclave {name} failed", exc, **result)
+    try:
+        described = [r for r in cli.describe_enclaves() if r.get("EnclaveID") == run.get("EnclaveID")]
+    except NitroCliError as exc:
+        fail_cli(module, "describe-enclaves after run-enclave failed", exc, **result)
+    record = described[0] if described else run
+    result["enclave"] = record
+    if record.get("EnclaveName") != name:
+        module.fail_json(
+            msg=f"nitro-cli named the new enclave {record.get('EnclaveName')!r}, not {name!r} (another enclave took the "
+            "name meanwhile)",
+            **result,
+        )
+
+
+if __name__ == "__main__":
+    main()
