@@ -151,8 +151,8 @@ def load_roots(root_pem: bytes | str | Sequence[bytes | str] | None = None) -> l
     texts = [root_pem] if isinstance(root_pem, bytes | str) else list(root_pem)
     roots: list[x509.Certificate] = []
     for text in texts:
-        data = text.encode("ascii") if isinstance(text, str) else text
         try:
+            data = text.encode("ascii") if isinstance(text, str) else bytes(text)
             roots.extend(x509.load_pem_x509_certificates(data))
         except (ValueError, TypeError) as exc:
             raise AttestationError("input", f"root PEM does not parse: {exc}") from None
@@ -168,8 +168,13 @@ def _fingerprint(cert: x509.Certificate) -> str:
 # --------------------------------------------------------------------------- parsing
 
 
-def decode_document_text(data: bytes) -> bytes:
+def decode_document_text(data: bytes | str) -> bytes:
     """Raw COSE bytes from either raw CBOR or its base64 text (standard or URL-safe, whitespace ignored)."""
+    if isinstance(data, str):
+        try:
+            data = data.encode("ascii")
+        except UnicodeEncodeError:
+            raise AttestationError("format", "document text is not base64") from None
     if data[:1] in (b"\x84", b"\xd2"):  # untagged array(4) or tag 18: raw CBOR
         return data
     text = b"".join(data.split())

@@ -272,6 +272,8 @@ def test_wrong_root(emu_root: bytes) -> None:
 
 def test_bad_root_argument_is_an_input_error() -> None:
     assert failed_check(lambda: verify_real(root_pem=b"not a pem")) == "input"
+    assert failed_check(lambda: verify_real(root_pem="caf\u00e9")) == "input"
+    assert failed_check(lambda: verify_real(root_pem=[42])) == "input"  # type: ignore[list-item]
     assert failed_check(lambda: verify_real(expected_pcrs={0: "zz"})) == "input"
     assert failed_check(lambda: verify_real(expected_pcrs={40: bytes(48)})) == "input"
     assert failed_check(lambda: verify_real(expected_pcrs={0: bytes(32)})) == "input"
@@ -349,6 +351,7 @@ def test_base64_detection() -> None:
     text = base64.b64encode(REAL_DOC)
     assert decode_document_text(REAL_DOC) == REAL_DOC
     assert decode_document_text(text) == REAL_DOC
+    assert decode_document_text(text.decode()) == REAL_DOC
     assert decode_document_text(b"  " + text[:60] + b"\n" + text[60:] + b"\n") == REAL_DOC
     assert decode_document_text(base64.urlsafe_b64encode(REAL_DOC).rstrip(b"=")) == REAL_DOC
     with pytest.raises(AttestationError) as info:
