@@ -16,6 +16,7 @@ import errno
 import os
 import socket
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -133,12 +134,21 @@ def connect(cid: int, port: int, timeout: float | None = None) -> socket.socket:
     else:
         family, address = socket.AF_VSOCK, (cid, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         sock.settimeout(timeout)
-        try:
-            sock.connect(address)
-        except FileNotFoundError as exc:
-            raise ConnectionRefusedError(errno.ECONNREFUSED, f"nothing listens on {describe(cid, port)}") from exc
+        while True:
+            try:
+                sock.connect(address)
+                break
+            except FileNotFoundError as exc:
+                raise ConnectionRefusedError(errno.ECONNREFUSED, f"nothing listens on {describe(cid, port)}") from exc
+            except BlockingIOError:
+                # AF_UNIX with a timeout answers EAGAIN when the listener's backlog is full, where
+                # real vsock would wait: wait too, within the timeout.
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"connect to {describe(cid, port)} timed out") from None
+                time.sleep(0.005)
     except BaseException:
         sock.close()
         raise
