@@ -287,8 +287,9 @@ def _meminfo(root: str) -> dict[str, int]:
 # Validation against the host
 
 
-def validate(config: AllocatorConfig, topology: HostTopology) -> list[str]:
-    """Every rule the config breaks on this host, each message naming the rule; [] when fine."""
+def validate(config: AllocatorConfig, topology: HostTopology, pool_text: str | None = None) -> list[str]:
+    """Every rule the config breaks on this host, each message naming the rule; [] when fine.
+    `pool_text` is the cpu_pool as the user wrote it, quoted in messages instead of the normalized list."""
     problems: list[str] = []
     parent = topology.parent_cpus
     tpc = topology.threads_per_core
@@ -317,10 +318,10 @@ def validate(config: AllocatorConfig, topology: HostTopology) -> list[str]:
             )
     else:
         pool = list(config.cpu_pool or ())
-        text = format_cpu_list(pool)
+        text = pool_text.strip() if pool_text else format_cpu_list(pool)
         if not pool:
             problems.append("cpu_pool is empty")
-        if len(text) > MAX_CPU_POOL_CHARS:
+        if len(format_cpu_list(pool)) > MAX_CPU_POOL_CHARS:
             problems.append(f"cpu_pool {text} is longer than the driver's {MAX_CPU_POOL_CHARS}-character limit")
         offline = [c for c in pool if c not in online]
         if offline:
