@@ -69,9 +69,10 @@ def unix_path(cid: int, port: int, base: str | os.PathLike[str] | None = None) -
 
 def describe(cid: int, port: int) -> str:
     """Human-readable address for logs and errors (no secrets here)."""
+    shown = "ANY" if cid == VMADDR_CID_ANY else str(cid)
     if emulated():
-        return f"vsock({cid}:{port}) emulated at {unix_path(cid, port)}"
-    return f"vsock({cid}:{port})"
+        return f"vsock({shown}:{port}) emulated at {unix_path(cid, port)}"
+    return f"vsock({shown}:{port})"
 
 
 def _remove_stale(path: Path) -> None:
