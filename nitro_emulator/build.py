@@ -1,0 +1,518 @@
+"""`build-enclave`, `describe-eif` and `pcr` of the emulator (reference nitro-cli-and-eif.md §5.3, §5.4, §5.10).
+
+The EIF layout, ramdisk content and measurements are nitro-cli's; the EIF/PCR code is
+`nitro_module_utils.eif` (the same file the Ansible modules use). Differences from nitro-cli, all for
+reproducibility (same Docker image content + same blobs => byte-identical EIF):
+
+- ramdisks are built by `eif.write_cpio` (sorted newc, mtimes 0), not by linuxkit; the application
+  ramdisk is gzip-compressed (mtime 0, no name), the bootstrap ramdisk is plain cpio;
+- `BuildTime` is `SOURCE_DATE_EPOCH` when set, else the image's `Created` time (nitro-cli uses "now");
+- `DockerInfo` leaves out the host-local, volatile `Metadata` (LastTagTime) and `GraphDriver` keys.
+
+Progress goes to stderr, the JSON result to stdout, failures raise NitroCliError (`[ Exx ]`, exit = E number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from nitro_module_utils import eif
+
+from .errors import NitroCliError
+
+BUILD_TOOL = "nitro-cli-emulator"
+BUILD_TOOL_VERSION = "1.4.2"  # the nitro-cli release whose behaviour is emulated (cli.VERSION)
+DEFAULT_BLOBS = Path(__file__).resolve().parent / "blobs"
+MAX_META_FILE_SIZE = 4096
+# Files Docker adds to every container and `docker export` shows; linuxkit drops or replaces them too.
+EXPORT_EXCLUDE = {".dockerenv", "Dockerfile", "dev/console", "dev/pts", "dev/shm", "etc/hostname"}
+EXPORT_REPLACE = {
+    "etc/hosts": b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    "etc/resolv.conf": b"",
+}
+ROOTFS_DIRS = ("dev", "run", "sys", "var", "proc", "tmp")
+DOCKER_INFO_DROP = ("Metadata", "GraphDriver")
+# Level 1: 5x faster than 6 on a Python image for ~6% more bytes.
+APP_RAMDISK_GZIP_LEVEL = 1
+
+
+def _progress(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _file_error(path: str | os.PathLike[str], operation: str) -> NitroCliError:
+    return NitroCliError(19, f"File: '{path}', failing operation: '{operation}'.")
+
+
+# ------------------------------------------------------------------------------------------------ blobs
+
+
+def blobs_dir() -> Path:
+    """`NITRO_CLI_BLOBS`, else the emulator's labelled stand-in blobs."""
+    env = os.environ.get("NITRO_CLI_BLOBS")
+    return Path(env) if env else DEFAULT_BLOBS
+
+
+def kernel_name() -> str:
+    """nitro-cli picks the kernel by the build host's architecture, not the image's."""
+    return "Image" if platform.machine().lower() in ("aarch64", "arm64") else "bzImage"
+
+
+def _require_blob(blobs: Path, name: str) -> Path:
+    path = blobs / name
+    if not path.is_file():
+        raise NitroCliError(48, f"Required blob '{path}' is missing (NITRO_CLI_BLOBS={blobs}).")
+    return path
+
+
+def artifacts_dir() -> Path:
+    env = os.environ.get("NITRO_CLI_ARTIFACTS")
+    if env:
+        path = Path(env)
+    elif os.environ.get("HOME"):
+        path = Path(os.environ["HOME"]) / ".nitro_cli"
+    else:
+        raise NitroCliError(51, "Artifacts path environment variable not set (NITRO_CLI_ARTIFACTS or HOME).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        raise _file_error(path, "Create") from None
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ docker
+
+
+def _docker(args: list[str], code: int, what: str) -> str:
+    docker = shutil.which("docker")
+    if docker is None:
+        raise NitroCliError(code, f"{what}: the docker CLI is not installed or not on PATH.")
+    proc = subprocess.run([docker, *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise NitroCliError(code, f"{what}: {' | '.join(detail) or f'docker exited {proc.returncode}'}")
+    return proc.stdout
+
+
+def normalize_uri(uri: str) -> str:
+    """nitro-cli appends `:latest` only when the URI has no `:` at all (so `host:5000/img` stays as is)."""
+    return uri if ":" in uri else f"{uri}:latest"
+
+
+def ensure_image(uri: str, docker_dir: str | None) -> dict[str, Any]:
+    """Build (from docker_dir) or find/pull the image; return its `docker image inspect` object."""
+    if docker_dir:
+        if not (Path(docker_dir) / "Dockerfile").is_file():
+            raise NitroCliError(49, f"No Dockerfile in '{docker_dir}'.")
+        _progress(f"Building the Docker image {uri} from {docker_dir}...")
+        _docker(["build", "--quiet", "--tag", uri, docker_dir], 49, "Docker image build failed")
+    else:
+        try:
+            _docker(["image", "inspect", uri], 50, "inspect")
+            _progress("Using the locally available Docker image...")
+        except NitroCliError:
+            _progress(f"Pulling the Docker image {uri}...")
+            _docker(["pull", uri], 50, "Docker image pull failed")
+    raw = _docker(["image", "inspect", uri], 50, "Docker image inspect failed")
+    try:
+        info = json.loads(raw)[0]
+    except (ValueError, IndexError, KeyError):
+        raise NitroCliError(50, f"Unexpected `docker image inspect {uri}` output.") from None
+    return info
+
+
+def image_command(info: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(cmd, env) as nitro-cli takes them: Cmd if set (Entrypoint ignored), else Entrypoint."""
+    config = info.get("Config") or {}
+    cmd = config.get("Cmd") or config.get("Entrypoint")
+    if not cmd:
+        raise NitroCliError(
+            48, "The Docker image has neither Cmd nor Entrypoint; the enclave would have nothing to run."
+        )
+    return list(cmd), list(config.get("Env") or [])
+
+
+def image_flags(info: dict[str, Any]) -> int:
+    arch = info.get("Architecture")
+    if arch == "arm64":
+        return eif.EIF_HDR_ARCH_ARM64
+    if arch == "amd64":
+        return 0
+    raise NitroCliError(48, f"Unsupported Docker image architecture {arch!r} (amd64 or arm64).")
+
+
+@contextlib.contextmanager
+def exported_rootfs(uri: str, workdir: Path) -> Iterator[tarfile.TarFile]:
+    """`docker create` + `docker export` of the image: its flattened filesystem as a tar (random access)."""
+    tar_path = workdir / "rootfs.tar"
+    container = _docker(["create", uri], 48, "Cannot create a container to export the image").strip()
+    try:
+        _docker(["export", "--output", str(tar_path), container], 48, "Cannot export the image filesystem")
+    finally:
+        with contextlib.suppress(NitroCliError):
+            _docker(["rm", "--force", container], 48, "rm")
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            yield tar
+    except tarfile.TarError as exc:
+        raise NitroCliError(48, f"Cannot read the exported image filesystem: {exc}") from None
+
+
+def rootfs_entries(tar: tarfile.TarFile, prefix: str = "rootfs") -> list[eif.CpioEntry]:
+    """cpio entries for every member of an exported image, under `prefix/`, ownership and modes kept."""
+    entries: list[eif.CpioEntry] = []
+    seen: set[str] = set()
+    for member in tar.getmembers():
+        try:
+            name = eif.normalize_member_name(member.name)
+        except eif.EifError as exc:
+            raise NitroCliError(48, f"Unsafe path in the image filesystem: {exc}") from None
+        if name in EXPORT_EXCLUDE or any(name.startswith(x + "/") for x in EXPORT_EXCLUDE) or name in seen:
+            continue
+        seen.add(name)
+        full = f"{prefix}/{name}"
+        perms = member.mode & 0o7777
+        owner = {"uid": member.uid, "gid": member.gid}
+        if name in EXPORT_REPLACE:
+            entries.append(eif.file_entry(full, EXPORT_REPLACE[name], 0o644))
+        elif member.isdir():
+            entries.append(eif.dir_entry(full, perms, **owner))
+        elif member.issym():
+            entries.append(eif.CpioEntry(full, stat.S_IFLNK | 0o777, data=os.fsencode(member.linkname), **owner))
+        elif member.isfile() or member.islnk():
+            # Hard links become independent copies: simpler ramdisk, same content for the enclave.
+            target = tar.getmember(member.linkname) if member.islnk() else member
+
+            def opener(t: tarfile.TarInfo = target) -> Any:
+                handle = tar.extractfile(t)
+                if handle is None:
+                    raise NitroCliError(48, f"Cannot read {t.name} from the image filesystem.")
+                return handle
+
+            entries.append(eif.CpioEntry(full, stat.S_IFREG | perms, opener=opener, size=target.size, **owner))
+        elif member.ischr() or member.isblk():
+            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            entries.append(
+                eif.CpioEntry(full, kind | perms, rdev_major=member.devmajor, rdev_minor=member.devminor, **owner)
+            )
+        elif member.isfifo():
+            entries.append(eif.CpioEntry(full, stat.S_IFIFO | perms, **owner))
+    for directory in ROOTFS_DIRS:
+        # Directories nitro-cli's linuxkit config adds; an image's own (e.g. /tmp 1777) is kept.
+        if directory not in seen:
+            entries.append(eif.dir_entry(f"{prefix}/{directory}", 0o755))
+    if prefix not in seen:
+        entries.append(eif.dir_entry(prefix, 0o755))
+    return entries
+
+
+def lines_file(items: list[str]) -> bytes:
+    return "".join(f"{item}\n" for item in items).encode("utf-8")
+
+
+def bootstrap_entries(blobs: Path) -> list[eif.CpioEntry]:
+    return [
+        eif.dir_entry("dev", 0o755),
+        eif.path_entry("init", _require_blob(blobs, "init"), 0o755),
+        eif.path_entry("nsm.ko", _require_blob(blobs, "nsm.ko"), 0o755),
+    ]
+
+
+def docker_info_for_metadata(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if k not in DOCKER_INFO_DROP}
+
+
+def build_time(info: dict[str, Any]) -> str:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        try:
+            return eif.rfc3339(int(epoch))
+        except (ValueError, OverflowError, OSError):
+            raise NitroCliError(48, f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix timestamp.") from None
+    created = str(info.get("Created") or "")
+    try:
+        # Docker prints nanoseconds; datetime keeps microseconds (enough for a stable value).
+        head, _, frac = created.rstrip("Z").partition(".")
+        when = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC)
+        micro = int((frac.split("+")[0] + "000000")[:6]) if frac else 0
+        return eif.rfc3339(when.replace(microsecond=micro))
+    except ValueError:
+        return eif.rfc3339(0)
+
+
+def custom_metadata(path: str | None) -> Any:
+    if path is None:
+        return None
+    meta = Path(path)
+    if not meta.is_file():
+        raise NitroCliError(48, "Specified path is not a file")
+    if meta.stat().st_size > MAX_META_FILE_SIZE:
+        raise NitroCliError(48, f"Metadata file size exceeded limit of {MAX_META_FILE_SIZE}B")
+    try:
+        return json.loads(meta.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise NitroCliError(48, f"Metadata file '{path}' is not valid JSON: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------ signing
+
+
+def _load_signing(cert_path: str, key_path: str) -> tuple[bytes, Any]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        cert_pem = Path(cert_path).read_bytes()
+        key_pem = Path(key_path).read_bytes()
+    except OSError as exc:
+        raise NitroCliError(60, f"Could not read signing info: {exc}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise NitroCliError(60, f"Could not read signing info: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in _CURVES:
+        raise NitroCliError(60, "Only EC P-256, P-384 and P-521 private keys can sign an EIF.")
+    if cert.public_key() != key.public_key():
+        raise NitroCliError(60, "The signing certificate does not match the private key.")
+    return cert_pem, key
+
+
+# curve -> (COSE alg, hash name, coordinate size)
+_CURVES = {"secp256r1": (-7, "SHA256", 32), "secp384r1": (-35, "SHA384", 48), "secp521r1": (-36, "SHA512", 66)}
+_ALGS = {alg: (curve, hname, size) for curve, (alg, hname, size) in _CURVES.items()}
+
+
+def cose_sign1(key: Any, payload: bytes) -> bytes:
+    """Untagged COSE_Sign1 [protected {1: alg}, {}, payload, r||s] as aws-nitro-enclaves-cose writes it."""
+    import cbor2
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    alg, hash_name, size = _CURVES[key.curve.name]
+    protected = cbor2.dumps({1: alg})
+    to_sign = cbor2.dumps(["Signature1", protected, b"", payload])
+    r, s = decode_dss_signature(key.sign(to_sign, ec.ECDSA(getattr(hashes, hash_name)())))
+    return cbor2.dumps([protected, {}, payload, r.to_bytes(size, "big") + s.to_bytes(size, "big")])
+
+
+def make_signer(cert_path: str, key_path: str) -> eif.Signer:
+    cert_pem, key = _load_signing(cert_path, key_path)
+
+    def signer(pcr0: str) -> bytes:
+        cose = cose_sign1(key, eif.pcr_info_payload(pcr0))
+        return eif.encode_signature_section([eif.PcrSignature(cert_pem, cose)])
+
+    return signer
+
+
+def verify_cose_sign1(cose: bytes, public_key: Any) -> bytes:
+    """Check the COSE_Sign1 signature with the certificate's key; return the payload. EifError if invalid."""
+    import cbor2
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    try:
+        value = cbor2.loads(cose)
+        if isinstance(value, cbor2.CBORTag):
+            value = value.value
+        protected, _unprotected, payload, signature = value
+        alg = cbor2.loads(protected)[1]
+    except (cbor2.CBORDecodeError, ValueError, TypeError, KeyError, IndexError):
+        raise eif.EifError("The EIF signature is not a valid COSE_Sign1 structure") from None
+    if alg not in _ALGS or not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise eif.EifError(f"Unsupported EIF signature algorithm {alg!r}")
+    curve, hash_name, size = _ALGS[alg]
+    if public_key.curve.name != curve or len(signature) != 2 * size:
+        raise eif.EifError("The EIF signature algorithm does not match the signing certificate's key")
+    r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+    to_verify = cbor2.dumps(["Signature1", protected, b"", payload])
+    try:
+        public_key.verify(encode_dss_signature(r, s), to_verify, ec.ECDSA(getattr(hashes, hash_name)()))
+    except InvalidSignature:
+        raise eif.EifError("The EIF signature is not valid") from None
+    return payload
+
+
+_LONG_NAMES = {
+    "2.5.4.3": "commonName",
+    "2.5.4.6": "countryName",
+    "2.5.4.7": "localityName",
+    "2.5.4.8": "stateOrProvinceName",
+    "2.5.4.10": "organizationName",
+    "2.5.4.11": "organizationalUnitName",
+    "1.2.840.113549.1.9.1": "emailAddress",
+    "2.5.4.5": "serialNumber",
+    "0.9.2342.19200300.100.1.25": "domainComponent",
+}
+_SIG_LONG_NAMES = {
+    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256",
+    "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
+    "1.2.840.10045.4.3.4": "ecdsa-with-SHA512",
+    "1.2.840.113549.1.1.11": "sha256WithRSAEncryption",
+    "1.2.840.113549.1.1.12": "sha384WithRSAEncryption",
+    "1.2.840.113549.1.1.13": "sha512WithRSAEncryption",
+}
+
+
+def _asn1_time(when: dt.datetime) -> str:
+    """OpenSSL ASN1_TIME_print: `Jan  5 12:00:00 2025 GMT`."""
+    return f"{when:%b} {when.day:>2} {when:%H:%M:%S} {when.year} GMT"
+
+
+def certificate_inspector(signature: eif.PcrSignature, pcr0: str) -> tuple[dict[str, Any], bool]:
+    """describe-eif's SigningCertificate object and SignatureCheck (payload == PcrInfo of PCR0 now)."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(signature.signing_certificate)
+    except ValueError as exc:
+        raise eif.EifError(f"The signing certificate cannot be parsed: {exc}") from None
+    payload = verify_cose_sign1(signature.signature, cert.public_key())
+    issuer = {}
+    for attribute in cert.issuer:
+        oid = attribute.oid.dotted_string
+        value = attribute.value if isinstance(attribute.value, str) else attribute.value.hex()
+        issuer[_LONG_NAMES.get(oid, oid)] = value.replace('"', "")
+    algorithm = cert.signature_algorithm_oid.dotted_string
+    info = {
+        "IssuerName": {k: issuer[k] for k in sorted(issuer)},
+        "Algorithm": _SIG_LONG_NAMES.get(algorithm, algorithm),
+        "NotBefore": _asn1_time(cert.not_valid_before_utc),
+        "NotAfter": _asn1_time(cert.not_valid_after_utc),
+        "Signature": ":".join(f"{b:02X}" for b in cert.signature),
+    }
+    return info, payload == eif.pcr_info_payload(pcr0)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def build_enclave(args: argparse.Namespace) -> int:
+    if bool(args.signing_certificate) != bool(args.private_key):
+        # clap's `requires`: a usage error (exit 2), not an E code.
+        missing = "--private-key" if args.signing_certificate else "--signing-certificate"
+        sys.stderr.write(f"error: the following required arguments were not provided:\n  {missing} <{missing[2:]}>\n")
+        return 2
+    _progress("Start building the Enclave Image...")
+    blobs = blobs_dir()
+    cmdline_path = _require_blob(blobs, "cmdline")
+    try:
+        cmdline = cmdline_path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        raise _file_error(cmdline_path, "Read") from None
+    output = Path(args.output_file)
+    try:
+        output.open("wb").close()  # nitro-cli creates/truncates the output first
+    except OSError:
+        raise _file_error(output, "Open") from None
+    kernel = _require_blob(blobs, kernel_name())
+    config = _require_blob(blobs, f"{kernel_name()}.config")
+    for name in ("init", "nsm.ko", "linuxkit"):
+        _require_blob(blobs, name)
+    artifacts = artifacts_dir()
+    signer = make_signer(args.signing_certificate, args.private_key) if args.signing_certificate else None
+    custom = custom_metadata(getattr(args, "metadata", None))
+
+    uri = normalize_uri(args.docker_uri)
+    info = ensure_image(uri, args.docker_dir)
+    cmd, env = image_command(info)
+    flags = image_flags(info)
+    build_info = eif.build_info_from_kernel_config(
+        config.read_text(errors="replace"),
+        build_time=build_time(info),
+        build_tool=BUILD_TOOL,
+        build_tool_version=BUILD_TOOL_VERSION,
+    )
+    image_id = str(info.get("Id", ""))
+    metadata = eif.make_metadata(
+        args.name or args.docker_uri.split(":")[0],
+        getattr(args, "image_version", None) or image_id.removeprefix("sha256:"),
+        build_info,
+        docker_info_for_metadata(info),
+        custom,
+    )
+    with tempfile.TemporaryDirectory(prefix="build-", dir=artifacts) as tmp:
+        work = Path(tmp)
+        boot = eif.write_ramdisk(bootstrap_entries(blobs), work / "bootstrap-initrd.img", compress=False)
+        with exported_rootfs(uri, work) as tar:
+            entries = rootfs_entries(tar)
+            entries += [eif.file_entry("cmd", lines_file(cmd)), eif.file_entry("env", lines_file(env))]
+            try:
+                app = eif.write_ramdisk(entries, work / "customer-initrd.img", compresslevel=APP_RAMDISK_GZIP_LEVEL)
+            except eif.EifError as exc:
+                raise NitroCliError(48, f"Cannot build the application ramdisk: {exc}") from None
+        (work / "rootfs.tar").unlink()
+        try:
+            pcrs = eif.write_eif(
+                output,
+                kernel=kernel,
+                cmdline=cmdline,
+                ramdisks=[boot, app],
+                metadata=metadata,
+                flags=flags,
+                signer=signer,
+            )
+        except eif.EifError as exc:
+            raise NitroCliError(48, str(exc)) from None
+        except OSError:
+            raise _file_error(output, "Write") from None
+    _progress("Enclave Image successfully created.")
+    _print_json({"Measurements": eif.measurements_dict(pcrs)})
+    return 0
+
+
+def describe_eif(args: argparse.Namespace) -> int:
+    try:
+        described = eif.describe_eif(args.eif_path, certificate_inspector=certificate_inspector)
+    except eif.EifError as exc:
+        raise NitroCliError(35, str(exc)) from None
+    _print_json(described)
+    return 0
+
+
+def pcr(args: argparse.Namespace) -> int:
+    if args.input is not None:
+        try:
+            value = eif.pcr_of_file(args.input)
+        except OSError:
+            raise _file_error(args.input, "Open") from None
+        _print_json({"PCR": value})
+        return 0
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        pem = Path(args.signing_certificate).read_bytes()
+    except OSError:
+        raise _file_error(args.signing_certificate, "Open") from None
+    try:
+        der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    except ValueError as exc:
+        raise NitroCliError(57, f"Could not parse the signing certificate: {exc}") from None
+    _print_json({"PCR8": eif.pcr_of_bytes(der)})
+    return 0
