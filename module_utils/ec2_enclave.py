@@ -304,7 +304,7 @@ class EnclaveFleet:
             answer = self._call("describe_instance_types", InstanceTypes=wanted)
         except Exception as exc:
             if error_code(exc) == "InvalidInstanceType":
-                raise EnclaveInstanceError(f"refusing: {exc}") from exc
+                raise EnclaveInstanceError(f"refusing: unknown instance type among {', '.join(wanted)}: {exc}") from exc
             raise
         return {info["InstanceType"]: info for info in answer.get("InstanceTypes", [])}
 

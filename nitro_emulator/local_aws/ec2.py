@@ -84,23 +84,41 @@ def _check_type_supports_enclaves(instance_type: str) -> None:
         raise UnsupportedEnclaveInstanceType(instance_type)
 
 
-def _template_enclave_enabled(response: InstanceResponse) -> bool | None:
+def _template_data(response: InstanceResponse) -> dict[str, Any]:
     template_arg = response._get_param("LaunchTemplate", {})
     if not template_arg:
-        return None
+        return {}
     template = response.ec2_backend._get_template_from_args(template_arg)
-    data = getattr(template, "data", None) or {}
-    options = data.get("EnclaveOptions") or {}
-    return _as_bool(options.get("Enabled"))
+    return getattr(template, "data", None) or {}
+
+
+def _associate_profile_with_all(response: InstanceResponse, instances: list[Instance]) -> None:
+    """moto 5.2 attaches IamInstanceProfile to the first instance of a launch only; AWS to every one.
+
+    Not enclave-specific, but every parent of a fleet needs the role KMS names, so fleets launched with
+    MinCount > 1 must all carry it here too.
+    """
+    name = response._get_param("IamInstanceProfile.Name")
+    arn = response._get_param("IamInstanceProfile.Arn")
+    if not (name or arn):
+        return
+    backend = response.ec2_backend
+    for instance in instances:
+        if instance.id not in backend.iam_instance_profile_associations:
+            backend.associate_iam_instance_profile(
+                instance_id=instance.id, iam_instance_profile_name=name, iam_instance_profile_arn=arn
+            )
 
 
 def _run_instances(original: Any) -> Any:
     def run_instances(self: InstanceResponse) -> ActionResult:
+        template = _template_data(self)
         enabled = _requested(self)
         if enabled is None:
-            enabled = _template_enclave_enabled(self)
+            enabled = _as_bool((template.get("EnclaveOptions") or {}).get("Enabled"))
         if enabled:
-            _check_type_supports_enclaves(self._get_param("InstanceType", "m1.small"))
+            # moto's own default type when neither the request nor the template names one.
+            _check_type_supports_enclaves(self._get_param("InstanceType") or template.get("InstanceType") or "m1.small")
             hibernation = self._get_param("HibernationOptions", {}) or {}
             if _as_bool(hibernation.get("Configured")):
                 raise EC2ClientError(
@@ -108,8 +126,10 @@ def _run_instances(original: Any) -> Any:
                     "You can't enable Nitro Enclaves and hibernation on the same instance.",
                 )
         result = original(self)
-        for instance in result.result.instances:
+        instances = result.result.instances
+        for instance in instances:
             setattr(instance, _STORE, bool(enabled))
+        _associate_profile_with_all(self, instances)
         return result
 
     return run_instances
