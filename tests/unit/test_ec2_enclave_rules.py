@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from moto.ec2.models.instance_types import INSTANCE_TYPES
@@ -203,3 +208,29 @@ def test_summarize_and_diff_view() -> None:
     view = diff_view({"i-1": summary}, launches=1)
     assert view["instances"]["i-1"] == {"state": "running", "enclave_options": {"enabled": True}, "tags": {"Name": "h"}}
     assert view["instances"]["(new instance 1)"]["enclave_options"] == {"enabled": True}
+
+
+def test_module_documentation_renders_with_every_option() -> None:
+    """ansible-doc must render DOCUMENTATION/EXAMPLES/RETURN (amazon.aws fragments resolved)."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-doc"), "-M", "library", "--json", "ec2_enclave_instance"],
+        cwd=root,
+        env={**os.environ, "ANSIBLE_CONFIG": str(root / "ansible.cfg")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)["ec2_enclave_instance"]
+    options = set(doc["doc"]["options"])
+    own = {
+        "name", "exact_count", "instance_ids", "image_id", "instance_type", "subnet_id", "security_group_ids",
+        "key_name", "iam_instance_profile", "tags", "allow_restart", "min_vcpus", "wait", "wait_timeout",
+    }  # fmt: skip
+    assert own <= options
+    assert {"region", "endpoint_url", "access_key", "profile", "validate_certs"} <= options  # amazon.aws common
+    assert doc["doc"]["options"]["allow_restart"]["default"] is False
+    assert set(doc["return"]) == {"instances", "instance_ids", "launched_ids", "actions"}
+    assert "enclave_options" in doc["return"]["instances"]["contains"]
+    assert "ec2_enclave_instance:" in doc["examples"]
