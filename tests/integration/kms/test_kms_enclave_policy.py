@@ -236,7 +236,7 @@ def test_remove_of_the_last_value_refused_and_lockout_kept(tmp_path, kms_endpoin
 
 def test_throttling_is_retried(tmp_path, kms_endpoint, kms, key_id) -> None:
     # botocore's own retries off: every retry seen here is AWSRetry's jittered backoff in the module.
-    kms_endpoint.set_faults(DescribeKey=1, GetKeyPolicy=2, PutKeyPolicy=2)
+    kms_endpoint.set_faults(DescribeKey=1, GetKeyPolicy=2, PutKeyPolicy=1)
     run = run_module_tasks(
         tmp_path,
         kms_endpoint,
