@@ -13,7 +13,7 @@ from tests.conftest import REPO_ROOT, VENV_BIN
 from .conftest import AMI, Ec2Endpoint, ansible_env, run_playbook, task_result
 
 PROVISION = "playbooks/provision.yml"
-FLEET_DIR = REPO_ROOT / "inventory" / ".fleet"
+FLEET_DIR = REPO_ROOT / "inventory" / "fleet"
 
 
 def fleet_inventory(endpoint: Ec2Endpoint, tmp_path: Path) -> Path:
