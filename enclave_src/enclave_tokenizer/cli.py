@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--allow-debug", action="store_true")
     att.add_argument("--output", type=Path, help="also write the raw document here")
     sub.add_parser("provision", help="provision the enclave's data key now")
-    sub.add_parser("gateway", help="run the HTTP gateway")
+    gw = sub.add_parser("gateway", help="run the HTTP gateway")
+    gw.add_argument("--config", dest="gateway_config", help="gateway config YAML")
     return parser
 
 
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "gateway":
         from . import gateway
 
-        return gateway.main(["--config", args.config] if args.config else [])
+        path = args.gateway_config or args.config
+        return gateway.main(["--config", path] if path else [])
     try:
         config = _config(args)
         code, output = _run(args, config)

@@ -290,10 +290,12 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, signa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="enclave-tokenizer gateway", description="HTTP gateway to the enclave")
-    parser.add_argument("--config", default=os.environ.get("ENCLAVE_TOKENIZER_CONFIG", parent.DEFAULT_CONFIG))
+    parser.add_argument("--config", default=os.environ.get("ENCLAVE_TOKENIZER_CONFIG"))
     args = parser.parse_args(argv)
+    # An explicit config must exist; the default one is optional (env-only configuration).
+    path = args.config or (parent.DEFAULT_CONFIG if os.path.exists(parent.DEFAULT_CONFIG) else None)
     try:
-        config = GatewayConfig.load(args.config if os.path.exists(args.config) else None)
+        config = GatewayConfig.load(path)
     except ConfigError as exc:
         parser.exit(2, f"enclave-tokenizer gateway: {exc}\n")
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
