@@ -151,25 +151,22 @@ class TokenizerService:
     def handle_fast(self, request_id: Any, op: str, request: dict[str, Any]) -> dict[str, Any]:
         try:
             return protocol.ok(request_id, self.fast_ops[op](request))
-        except (RequestError, TokenError) as exc:
-            self.stats.errors += 1
-            return protocol.error(request_id, exc.code, exc.message)
         except Exception as exc:
-            # Only the type: messages of unexpected errors could quote input.
-            log.error("internal error in %s: %s", op, type(exc).__name__)
-            self.stats.errors += 1
-            return protocol.error(request_id, "internal", "internal error")
+            return self._failure(request_id, op, exc)
 
     async def handle_slow(self, request_id: Any, op: str, request: dict[str, Any]) -> dict[str, Any]:
         try:
             return protocol.ok(request_id, await self.slow_ops[op](request))
-        except (RequestError, TokenError) as exc:
-            self.stats.errors += 1
-            return protocol.error(request_id, exc.code, exc.message)
         except Exception as exc:
-            log.error("internal error in %s: %s", op, type(exc).__name__)
-            self.stats.errors += 1
-            return protocol.error(request_id, "internal", "internal error")
+            return self._failure(request_id, op, exc)
+
+    def _failure(self, request_id: Any, op: str, exc: Exception) -> dict[str, Any]:
+        self.stats.errors += 1
+        if isinstance(exc, RequestError | TokenError):
+            return protocol.error(request_id, exc.code, exc.message)
+        # Only the type: messages of unexpected errors could quote input.
+        log.error("internal error in %s: %s", op, type(exc).__name__)
+        return protocol.error(request_id, "internal", "internal error")
 
     # ---------------------------------------------------------------- ops
     def _tokenizer(self) -> Tokenizer:
