@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import stat
 import struct
 import tempfile
@@ -771,3 +772,33 @@ def test_extract_customer_ramdisks_from_eif(tmp_path: Path) -> None:
     eif.write_eif(single, kernel=b"K", cmdline="c", ramdisks=[boot], metadata=eif.make_metadata("a", "b", BUILD_INFO))
     with pytest.raises(eif.EifError, match="no application ramdisk"):
         eif.extract_customer_ramdisks(single, tmp_path / "y")
+
+
+member_name = st.lists(st.sampled_from(["a", "b", "bin", "é", "x.y", "long-name_1"]), min_size=1, max_size=3).map(
+    "/".join
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    files=st.dictionaries(member_name, st.binary(max_size=600), min_size=1, max_size=8),
+    mode=st.sampled_from([0o644, 0o600, 0o755]),
+    seed=st.randoms(use_true_random=False),
+)
+def test_ramdisk_determinism_and_roundtrip_property(
+    tmp_path: Path, files: dict, mode: int, seed: random.Random
+) -> None:
+    # Drop names that are a parent of another name (a path cannot be both a file and a directory).
+    names = [n for n in files if not any(o.startswith(n + "/") for o in files)]
+    entries = [eif.file_entry(n, files[n], mode) for n in names]
+    shuffled = list(entries)
+    seed.shuffle(shuffled)
+    first = _cpio_bytes(entries)
+    assert _cpio_bytes(shuffled) == first
+    assert gzip.compress(first, mtime=0) == gzip.compress(_cpio_bytes(shuffled), mtime=0)
+    dest = tmp_path / f"x{abs(hash(first))}"
+    result = eif.extract_cpio(io.BytesIO(first), dest, preserve_owner=False)
+    assert result.files == len(names)
+    for name in names:
+        assert (dest / name).read_bytes() == files[name]
+        assert stat.S_IMODE((dest / name).stat().st_mode) == mode
