@@ -7,6 +7,8 @@ import hashlib
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nitro_module_utils import kms_policy as kp
 from nitro_module_utils.kms_policy import PolicyError
 
@@ -114,16 +116,22 @@ def test_pcr3_and_pcr4_from_role_and_instance() -> None:
         spec(principals=[ROLE], pcr3_role_arn="not-an-arn")
 
 
-def test_pcr3_pcr4_use_the_eif_library_when_present() -> None:
-    eif = pytest.importorskip("nitro_module_utils.eif", reason="EIF library (another piece) not there yet")
+def test_pcr3_pcr4_use_the_eif_library() -> None:
     s = kp.parse_statement_spec(
-        {"sid": "x", "principals": [ROLE], "pcr3_role_arn": "arn:aws:iam::123456789012:role/Webserver"}
+        {
+            "sid": "x",
+            "principals": [ROLE],
+            "pcr3_role_arn": "arn:aws:iam::123456789012:role/Webserver",
+            "pcr4_instance_id": "i-1234567890abcdef0",
+        }
     )
-    # AWS user guide vector (reference nitro-cli-and-eif.md §4.3).
+    # AWS user guide vectors (reference nitro-cli-and-eif.md §4.3).
     assert s.conditions[kp.condition_key("PCR3")] == [
         "78fce75db17cd4e0a3fb8dad3ad128ca5e77edbb2b2c7f75329dccd99aa5f6ef4fc1f1a452e315b9e98f9e312e6921e6"
     ]
-    assert eif is not None
+    assert s.conditions[kp.condition_key("PCR4")] == [
+        "08f996b5d43e047a9eb51e7f548bfee7e164fd7dc8f65541f2ac09d6545ac812719327281c401a67a10fcba87ae79ce0"
+    ]
 
 
 # ------------------------------------------------------------------ build / merge
@@ -496,3 +504,34 @@ def test_attestation_key_names() -> None:
         assert not kp.is_attestation_key(bad)
         with pytest.raises(PolicyError):
             kp.canonical_attestation_key(bad)
+
+
+# ------------------------------------------------------------------ properties
+
+pcr_values = st.lists(st.binary(min_size=48, max_size=48).map(bytes.hex), min_size=1, max_size=5, unique=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(old=pcr_values, new=pcr_values, data=st.data())
+def test_rotation_properties(old, new, data) -> None:
+    old = [v for v in old if set(v) != {"0"}] or [OLD]
+    new = [v for v in new if set(v) != {"0"} and v not in old] or [NEW]
+    start = with_statement(*old)
+    added = kp.apply_statements(start, [spec(pcr0=[v.upper() for v in new])], mode="add")
+    # add is idempotent and order/case-insensitive
+    shuffled = data.draw(st.permutations(new))
+    assert kp.apply_statements(added.policy, [spec(pcr0=shuffled)], mode="add").changed_sids == []
+    # every old and new value is granted after phase 1; after phase 2 only the new ones
+    for value in old + new:
+        ctx = kp.attestation_context({0: value})
+        assert kp.evaluate(added.policy, "kms:Decrypt", ctx, principal=ROLE).allowed
+    removed = kp.apply_statements(added.policy, [spec(pcr0=old)], mode="remove").policy
+    for value in old:
+        assert not kp.evaluate(removed, "kms:Decrypt", kp.attestation_context({0: value}), principal=ROLE).allowed
+    for value in new:
+        assert kp.evaluate(removed, "kms:Decrypt", kp.attestation_context({0: value}), principal=ROLE).allowed
+    # replace with the new values gives the same statement as add + remove
+    replaced = kp.apply_statements(start, [spec(pcr0=new)], mode="replace").policy
+    assert kp.policies_equal(replaced, removed)
+    # foreign statements never change
+    assert removed["Statement"][0] == start["Statement"][0]
