@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.unit.nitro_fakes import make_sysfs
+
 REPO = Path(__file__).resolve().parents[3]
 VENV_BIN = Path(sys.executable).parent
 EMULATOR = VENV_BIN / "nitro-cli-emulator"
@@ -47,16 +49,6 @@ while True:
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.slow]
 
 
-def load_fakes() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("nitro_fakes_modules_it", REPO / "tests/unit/nitro_fakes.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class Host:
     """localhost as an emulated Nitro host with its own sockets/vsock/home/allocator/sysfs."""
 
@@ -66,7 +58,7 @@ class Host:
         self.allocator_yaml.parent.mkdir(parents=True)
         (root / "sock").mkdir()
         # An 8-vCPU SMT instance (siblings i, i+4): cpu_count 2 and 4 both fit next to CPU 0's core.
-        load_fakes().make_sysfs(root / "sysfs", cpus=8, threads=2, mem_available_mib=16384)
+        make_sysfs(root / "sysfs", cpus=8, threads=2, mem_available_mib=16384)
         self.env = dict(os.environ)
         self.env.update(
             ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
