@@ -1,0 +1,76 @@
+"""The nitro modules' DOCUMENTATION matches their argument_spec, and ansible-doc renders all three."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import yaml
+from nitro_fakes import REPO, load_module
+
+MODULES = ["nitro_allocator", "nitro_enclave", "nitro_eif"]
+KEYS = ("type", "default", "choices", "required", "elements", "aliases")
+
+
+class _Captured(Exception):
+    pass
+
+
+def captured_spec(name: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    module = load_module(name)
+    seen: dict[str, Any] = {}
+
+    def fake(**kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise _Captured
+
+    monkeypatch.setattr(module, "AnsibleModule", fake)
+    with pytest.raises(_Captured):
+        module.main()
+    return seen
+
+
+def normalized(options: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, spec in options.items():
+        entry = {key: spec.get(key) for key in KEYS if spec.get(key) not in (None, False, [])}
+        entry.setdefault("type", "str")
+        if "options" in spec or "suboptions" in spec:
+            entry["options"] = normalized(spec.get("options") or spec.get("suboptions"))
+        out[name] = entry
+    return out
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_documentation_matches_argument_spec(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kwargs = captured_spec(name, monkeypatch)
+    module = load_module(name)
+    doc = yaml.safe_load(module.DOCUMENTATION)
+    assert normalized(doc["options"]) == normalized(kwargs["argument_spec"])
+    assert kwargs["supports_check_mode"] is True
+    yaml.safe_load(module.EXAMPLES)
+    returns = yaml.safe_load(module.RETURN)
+    assert all("description" in value and "returned" in value for value in returns.values())
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_ansible_doc_renders(name: str) -> None:
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "ansible-doc"), "-M", "library", "--json", name],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)[name]
+    assert doc["doc"]["module"] == name
+    assert doc["examples"] and doc["return"]
+    assert "[WARNING]" not in proc.stderr, proc.stderr
