@@ -15,26 +15,30 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 BASE_CONFIG = REPO_ROOT / "tests" / "molecule" / "base.yml"
-SCENARIOS = sorted(p.parent for p in (REPO_ROOT / "roles").glob("*/molecule/*/molecule.yml"))
+# Each role's scenarios, plus the project's own (tests/molecule/<name>: multi-host runs of the plays).
+SCENARIOS = sorted(p.parent for p in (REPO_ROOT / "roles").glob("*/molecule/*/molecule.yml")) + sorted(
+    p.parent for p in (REPO_ROOT / "tests" / "molecule").glob("*/molecule.yml")
+)
 
 
 def scenario_id(path: Path) -> str:
-    return f"{path.parent.parent.name}:{path.name}"
+    owner = path.parent.parent
+    return f"{owner.name}:{path.name}" if owner.parent.name == "roles" else f"project:{path.name}"
 
 
 @pytest.mark.docker
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[scenario_id(s) for s in SCENARIOS])
 def test_molecule_scenario(scenario: Path, docker_engine: str) -> None:
-    role_dir = scenario.parent.parent
+    project_dir = scenario.parent.parent  # the directory holding molecule/<scenario>
     env = dict(os.environ)
-    env["MOLECULE_RUN_ID"] = f"{role_dir.name}-{scenario.name}".replace("_", "-")
+    env["MOLECULE_RUN_ID"] = f"{project_dir.name}-{scenario.name}".replace("_", "-")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.setdefault("NITRO_ANSIBLE_ROOT", str(REPO_ROOT))
     env.setdefault("NITRO_ANSIBLE_WHEELHOUSE", str(REPO_ROOT / ".cache" / "wheelhouse"))
     env.pop("ANSIBLE_CONFIG", None)  # molecule writes its own, from base.yml
     result = subprocess.run(
         [sys.executable, "-m", "molecule", "--base-config", str(BASE_CONFIG), "test", "-s", scenario.name],
-        cwd=role_dir,
+        cwd=project_dir,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
