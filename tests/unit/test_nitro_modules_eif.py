@@ -262,3 +262,30 @@ def test_described_bad_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert result["failed"] is True and result["msg"].startswith(f"path {bad}: ")
     missing = run(capsys, path=str(tmp_path / "missing.eif"), state="described")
     assert missing["failed"] is True and "cannot open EIF" in missing["msg"]
+
+
+def test_signing_inputs(capsys: pytest.CaptureFixture[str], host: FakeHost, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    key.write_text("KEY-1")
+    args = {
+        "path": str(tmp_path / "a.eif"),
+        "docker_uri": "app:1",
+        "signing_certificate": str(cert),
+        "private_key": str(key),
+    }
+    first = run(capsys, **args)
+    assert first["built"] is True
+    assert host.calls()[-1][-4:] == ["--signing-certificate", str(cert), "--private-key", str(key)]
+    assert first["inputs"]["signing_certificate_sha256"] == hashlib.sha256(cert.read_bytes()).hexdigest()
+    assert first["inputs"]["private_key"] == "sha256:" + hashlib.sha256(b"KEY-1").hexdigest()
+    assert "KEY-1" not in json.dumps(first)
+    assert run(capsys, **args)["changed"] is False
+    key.write_text("KEY-2")
+    assert "inputs changed: private_key" in run(capsys, **args)["reasons"]
+    arn = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    with_arn = run(capsys, **{**args, "private_key": arn})
+    assert with_arn["inputs"]["private_key"] == arn
+    key.unlink()
+    missing = run(capsys, **args)
+    assert missing["failed"] is True and f"private_key {key}" in missing["msg"]

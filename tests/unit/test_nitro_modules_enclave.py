@@ -3,6 +3,7 @@ nitro-cli: argument rules, idempotence on measurements/resources, check mode, di
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from typing import Any
@@ -275,3 +276,17 @@ def test_wait_for_vsock(capsys: pytest.CaptureFixture[str], host: FakeHost, eif:
         server.close()
     assert late["failed"] is True
     assert "enclave tok is running but nothing accepted on vsock 20:5001" in late["msg"]
+
+
+def test_duplicate_names_keep_one(capsys: pytest.CaptureFixture[str], host: FakeHost, eif: Path) -> None:
+    first = run(capsys, **base(eif))["enclave"]
+    state = json.loads(host.state.read_text())
+    state["enclaves"].append({**first, "EnclaveID": "i-0000000000000000-enc99", "ProcessID": 99})
+    host.state.write_text(json.dumps(state))
+    result = run(capsys, **base(eif))
+    assert result["changed"] is True
+    assert result["enclave"]["EnclaveID"] == first["EnclaveID"]
+    assert result["terminated"] == ["i-0000000000000000-enc99"]
+    assert "duplicate name" in result["actions"][0]
+    assert "run-enclave" not in host.subcommands()[-3:]
+    assert [e["EnclaveID"] for e in host.enclaves()] == [first["EnclaveID"]]
