@@ -84,10 +84,8 @@ def normalize_pcr(value: Any, name: str, allow_debug: bool = False) -> str:
         raise PolicyError(f"{name}: PCR value must be a string of {PCR_HEX_LEN} hex characters, got {value!r}")
     text = value.strip()
     if len(text) != PCR_HEX_LEN or not _HEX.match(text):
-        raise PolicyError(
-            f"{name}: PCR value must be exactly {PCR_HEX_LEN} hex characters (SHA-384), "
-            f"got {len(text)} characters{'' if _HEX.match(text or 'x') else ' with non-hex characters'}"
-        )
+        problem = "non-hex characters" if text and not _HEX.match(text) else f"{len(text)} characters"
+        raise PolicyError(f"{name}: PCR value must be exactly {PCR_HEX_LEN} hex characters (SHA-384), got {problem}")
     text = text.lower()
     if set(text) == {"0"} and not allow_debug:
         raise PolicyError(
