@@ -144,7 +144,12 @@ def test_split_phases_and_input_checks(tmp_path, kms_endpoint, kms, key_id) -> N
     assert pcr0_values(kms, key_id) == [OLD_PCR0, NEW_PCR0]
     assert rotate(tmp_path, kms_endpoint.url, key_id, inv, rotation_phase="remove").rc == 0
     assert pcr0_values(kms, key_id) == [NEW_PCR0]
-    for bad in ({"new_pcr0": "abc"}, {"new_pcr0": OLD_PCR0}, {"rotation_hosts": []}):
+    for bad in ({"new_pcr0": "abc"}, {"kms_key_id": ""}, {"rotation_hosts": []}):
         run = rotate(tmp_path, kms_endpoint.url, key_id, inv, **bad)
         assert run.rc != 0, bad
         assert pcr0_values(kms, key_id) == [NEW_PCR0]
+    # Same image again (re-run of a rollout): nothing to rotate, nothing removed, no failure.
+    run = rotate(tmp_path, kms_endpoint.url, key_id, inv, old_pcr0=NEW_PCR0)
+    assert run.rc == 0, run.stdout
+    assert not any(r["task"].startswith("Phase") for r in run.results)
+    assert pcr0_values(kms, key_id) == [NEW_PCR0]
