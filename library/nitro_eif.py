@@ -118,6 +118,14 @@ eif_sha384:
   description: SHA-384 of the whole EIF file.
   returned: when the EIF exists
   type: str
+size:
+  description: Size of the EIF file in bytes.
+  returned: when the EIF exists
+  type: int
+min_memory_mib:
+  description: The smallest enclave memory for this EIF (4 times its size, at least 64 MiB), as nitro-cli enforces.
+  returned: when the EIF exists
+  type: int
 image_digest:
   description: The Docker image ID the EIF was built from.
   returned: with O(state=present)
@@ -156,6 +164,7 @@ from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.eif import EifError, metadata_describe, read_eif
+from ansible.module_utils.enclave_spec import min_memory_mib
 from ansible.module_utils.nitro_cli import NitroCli, NitroCliError
 
 RECORD_SUFFIX = ".inputs.json"
@@ -246,6 +255,7 @@ def described(module: AnsibleModule) -> None:
         measurements=image.measurements,
         eif_sha384=image.file_sha384,
         size=image.file_size,
+        min_memory_mib=min_memory_mib(image.file_size),
         describe=describe,
     )
 
@@ -354,6 +364,7 @@ def present(module: AnsibleModule) -> None:
         if image is not None:
             result["measurements"] = image.measurements
             result["eif_sha384"] = image.file_sha384
+            result["min_memory_mib"] = min_memory_mib(image.file_size)
         module.exit_json(**result)
 
     if build:
@@ -383,6 +394,8 @@ def present(module: AnsibleModule) -> None:
     result.update(
         measurements=image.measurements,
         eif_sha384=image.file_sha384,
+        size=image.file_size,
+        min_memory_mib=min_memory_mib(image.file_size),
         image_digest=digest,
         inputs=inputs,
     )

@@ -170,16 +170,15 @@ waited:
   type: float
 """
 
-import math
 import re
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.eif import EifError, read_eif
+from ansible.module_utils.enclave_spec import MIN_MEMORY_MIB, differences, min_memory_mib, summary, wanted
 from ansible.module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, wait_for_vsock
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-MIN_MEMORY_MIB = 64
 MAX_CID = 2**32 - 2
 DEBUG_REFUSAL = (
     "debug_mode: true refused: in debug mode the enclave's attestation documents carry all-zero PCR0, PCR1 and PCR2, "
@@ -226,69 +225,6 @@ def check_arguments(module: AnsibleModule) -> None:
             module.fail_json(msg=f"wait_for.timeout {wait['timeout']} must not be negative")
 
 
-def memory_matches(requested: int, reported: Any) -> bool:
-    """nitro-cli reports the hugepage regions it allocated, rounded up to 2 MiB pages."""
-    return reported in (requested, requested + (requested % 2))
-
-
-def differences(record: dict[str, Any], params: dict[str, Any], measurements: dict[str, str]) -> list[str]:
-    """What differs between a running enclave and the request; [] means no change."""
-    out: list[str] = []
-    if record.get("State") != "RUNNING":
-        out.append(f"state {record.get('State')} -> RUNNING")
-    running = record.get("Measurements") or {}
-    for pcr in ("PCR0", "PCR1", "PCR2"):
-        if running.get(pcr) != measurements.get(pcr):
-            out.append(f"{pcr} {str(running.get(pcr))[:16]}... -> {measurements.get(pcr, '')[:16]}...")
-    if params["cpu_ids"] is not None:
-        if sorted(record.get("CPUIDs") or []) != sorted(params["cpu_ids"]):
-            out.append(f"cpu_ids {record.get('CPUIDs')} -> {sorted(params['cpu_ids'])}")
-    elif record.get("NumberOfCPUs") != params["cpu_count"]:
-        out.append(f"cpu_count {record.get('NumberOfCPUs')} -> {params['cpu_count']}")
-    if not memory_matches(params["memory_mib"], record.get("MemoryMiB")):
-        out.append(f"memory_mib {record.get('MemoryMiB')} -> {params['memory_mib']}")
-    if params["enclave_cid"] is not None and record.get("EnclaveCID") != params["enclave_cid"]:
-        out.append(f"enclave_cid {record.get('EnclaveCID')} -> {params['enclave_cid']}")
-    debug = record.get("Flags") == "DEBUG_MODE"
-    if debug != params["debug_mode"]:
-        out.append(f"debug_mode {debug} -> {params['debug_mode']}")
-    return out
-
-
-def summary(record: dict[str, Any] | None) -> dict[str, Any]:
-    """The compared fields of a describe record, for the diff."""
-    if not record:
-        return {}
-    measurements = record.get("Measurements") or {}
-    return {
-        "name": record.get("EnclaveName"),
-        "enclave_id": record.get("EnclaveID"),
-        "state": record.get("State"),
-        "cpu_ids": record.get("CPUIDs"),
-        "cpu_count": record.get("NumberOfCPUs"),
-        "memory_mib": record.get("MemoryMiB"),
-        "enclave_cid": record.get("EnclaveCID"),
-        "debug_mode": record.get("Flags") == "DEBUG_MODE",
-        "pcr0": measurements.get("PCR0"),
-        "pcr1": measurements.get("PCR1"),
-        "pcr2": measurements.get("PCR2"),
-    }
-
-
-def wanted(params: dict[str, Any], measurements: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": params["name"], "state": "RUNNING", "eif_path": params["eif_path"]}
-    if params["cpu_ids"] is not None:
-        out["cpu_ids"] = sorted(params["cpu_ids"])
-    else:
-        out["cpu_count"] = params["cpu_count"]
-    out["memory_mib"] = params["memory_mib"]
-    if params["enclave_cid"] is not None:
-        out["enclave_cid"] = params["enclave_cid"]
-    out["debug_mode"] = params["debug_mode"]
-    out.update({pcr.lower(): measurements.get(pcr) for pcr in ("PCR0", "PCR1", "PCR2")})
-    return out
-
-
 def measure(module: AnsibleModule) -> dict[str, str]:
     path = module.params["eif_path"]
     try:
@@ -296,7 +232,7 @@ def measure(module: AnsibleModule) -> dict[str, str]:
     except EifError as exc:
         module.fail_json(msg=f"eif_path {path}: {exc}")
     # nitro-cli's E26 rule, checked here so the message names the option.
-    minimum = math.ceil(math.ceil(image.file_size / 1024) / 1024) * 4
+    minimum = min_memory_mib(image.file_size)
     if module.params["memory_mib"] < minimum:
         module.fail_json(
             msg=f"memory_mib {module.params['memory_mib']} is too small for {path}: an enclave needs at least 4 times "

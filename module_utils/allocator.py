@@ -19,10 +19,11 @@ import os
 import re
 from dataclasses import dataclass, field
 
+# The driver's smallest enclave (NE_MIN_ENCLAVE_MEM_SIZE): a smaller pool is useless.
+from .enclave_spec import MIN_MEMORY_MIB
+
 DEFAULT_CONFIG_PATH = "/etc/nitro_enclaves/allocator.yaml"
 KNOWN_KEYS = ("memory_mib", "cpu_count", "cpu_pool")
-# NE_MIN_ENCLAVE_MEM_SIZE in the driver: an enclave needs at least this much, so a smaller pool is useless.
-MIN_MEMORY_MIB = 64
 # The driver's ne_cpus parameter is at most 512 characters.
 MAX_CPU_POOL_CHARS = 512
 

@@ -7,7 +7,21 @@ debug_mode; measurements are the EIF's PCR0/PCR1/PCR2 (lowercase hex).
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+# The Nitro driver's smallest enclave (nitro-cli reports it as E29).
+MIN_MEMORY_MIB = 64
+
+
+def eif_memory_mib(eif_size: int) -> int:
+    """nitro-cli's E26 rule: at least 4x the EIF's size, in MiB rounded up as nitro-cli rounds."""
+    return math.ceil(math.ceil(eif_size / 1024) / 1024) * 4
+
+
+def min_memory_mib(eif_size: int) -> int:
+    """The smallest memory an enclave of this EIF can run with (E26 and the driver's minimum)."""
+    return max(eif_memory_mib(eif_size), MIN_MEMORY_MIB)
 
 
 def memory_matches(requested: int, reported: Any) -> bool:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nitro_module_utils.enclave_spec import eif_memory_mib
+
 from . import state
 from .errors import NitroCliError
 
@@ -180,9 +182,7 @@ def check_memory_request(memory_mib: int, eif_size: int) -> None:
     if memory_mib == 0:
         raise NitroCliError(26, "memory", 0)
     if 4 * eif_size > memory_mib << 20:
-        kib = -(-eif_size // 1024)  # ceil_div(ceil_div(size, 1024), 1024) * 4, as nitro-cli rounds
-        minimum = -(-kib // 1024) * 4
-        raise NitroCliError(26, "memory", memory_mib, minimum)
+        raise NitroCliError(26, "memory", memory_mib, eif_memory_mib(eif_size))
 
 
 def pick_cpus(request: RunRequest, cores: list[list[int]], pool: list[int], used: set[int]) -> list[int]:
@@ -360,7 +360,7 @@ class Enclave:
             "ready_fd": ready_w,
             "enclave_id": slot.enclave_id,
             "hostname": "enclave",
-            "rootfs_cache": str(cache) if (cache := isolation.rootfs_cache(image, state.emulator_home())) else None,
+            "rootfs_cache": str(cache) if (cache := isolation.rootfs_cache(image, state.rootfs_cache_dir())) else None,
         }
         spec_path = state_dir / "spec.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")

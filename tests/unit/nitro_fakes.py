@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pkgutil
 import stat
 import sys
 import textwrap
@@ -260,16 +261,11 @@ def make_eif(path: Path, payload: bytes = b"APP", size_pad: int = 0) -> dict[str
 
 def load_module(name: str) -> Any:
     """Import library/<name>.py with its `ansible.module_utils.X` imports served by nitro_module_utils."""
-    import nitro_module_utils.allocator
-    import nitro_module_utils.eif
-    import nitro_module_utils.nitro_cli
+    import nitro_module_utils
 
-    for short, module in (
-        ("allocator", nitro_module_utils.allocator),
-        ("eif", nitro_module_utils.eif),
-        ("nitro_cli", nitro_module_utils.nitro_cli),
-    ):
-        sys.modules.setdefault(f"ansible.module_utils.{short}", module)
+    for info in pkgutil.iter_modules(nitro_module_utils.__path__):
+        module = importlib.import_module(f"nitro_module_utils.{info.name}")
+        sys.modules.setdefault(f"ansible.module_utils.{info.name}", module)
     spec = importlib.util.spec_from_file_location(f"library_{name}", REPO / "library" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
