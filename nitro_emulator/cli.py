@@ -85,11 +85,15 @@ def _add_runtime(sub: argparse._SubParsersAction) -> None:
     actions.add_parser("show", help="Print the reserved CPU pool and memory as JSON.")
 
     p = sub.add_parser("vsock-proxy", help="Emulated vsock-proxy: parent (CID 3) port -> TCP address.")
-    p.add_argument("local_port", type=int)
-    p.add_argument("remote_addr")
-    p.add_argument("remote_port", type=int)
+    # Ports and workers stay strings: vsock-proxy validates them itself ("Local port is not valid" ...).
+    p.add_argument("local_port", help="Local vsock port (CID 3) to listen on")
+    p.add_argument("remote_addr", help="Address of the server to be proxied")
+    p.add_argument("remote_port", help="Remote TCP port")
     p.add_argument("--config", default="/etc/nitro_enclaves/vsock-proxy.yaml", help="allowlist YAML")
-    p.add_argument("--workers", "-w", type=int, default=4)
+    p.add_argument("--num_workers", "--workers", "-w", dest="workers", default="4", help="max simultaneous connections")
+    family = p.add_mutually_exclusive_group()
+    family.add_argument("--ipv4", "-4", action="store_true", help="IPv4 addresses only")
+    family.add_argument("--ipv6", "-6", action="store_true", help="IPv6 addresses only")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -203,9 +203,9 @@ def preexec(cgroup: Path | None, cpus: list[int], memory_mib: int) -> Callable[[
     return apply
 
 
-def rootfs_cache(image: Any, home: Path) -> Path | None:
+def rootfs_cache(image: Any, base: Path) -> Path | None:
     """The EIF's customer ramdisks unpacked once per image (keyed by PCR0, which covers every ramdisk
-    byte) under ``<home>/rootfs-cache`` (0700, root only), so later boots copy instead of inflating.
+    byte) under ``base`` (0700, root only), so later boots copy instead of inflating.
 
     Only the image's own content is kept there; what an enclave writes lives in its private tmpfs and
     is gone when it stops. The newest CACHE_KEEP images are kept. None when the cache is unusable (the
@@ -213,7 +213,6 @@ def rootfs_cache(image: Any, home: Path) -> Path | None:
     """
     from nitro_module_utils.eif import EifError, extract_customer_ramdisks
 
-    base = home / "rootfs-cache"
     try:
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(base, 0o700)

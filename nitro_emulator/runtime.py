@@ -218,7 +218,10 @@ def _sockets() -> list[Path]:
 def _connect_all() -> list[socket.socket]:
     """A connection to every enclave process; sockets nobody listens on are stale and removed."""
     conns: list[socket.socket] = []
-    for path in _sockets():
+    paths = _sockets()
+    with state.locked():
+        pass  # prunes the driver slots (and vsock dirs, state) of enclave processes that died
+    for path in paths:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(REPLY_TIMEOUT_S)

@@ -7,8 +7,9 @@ belongs to a live enclave process (pid + its start time, so a recycled pid never
 processes are pruned, together with their sockets and vsock directories, whenever the table is read.
 
 Locations follow the project contract and can be moved with environment variables (tests use temp dirs):
-``NITRO_CLI_SOCKETS_PATH``, ``NITRO_VSOCK_DIR``, ``NITRO_EMULATOR_HOME``, ``NITRO_ALLOCATOR_CONFIG`` and
-``NITRO_EMULATOR_SYSFS_ROOT`` (a fake ``sys/``+``proc/`` tree standing in for the host topology).
+``NITRO_CLI_SOCKETS_PATH``, ``NITRO_VSOCK_DIR``, ``NITRO_EMULATOR_HOME``, ``NITRO_ALLOCATOR_CONFIG``,
+``NITRO_EMULATOR_CACHE`` (unpacked images) and ``NITRO_EMULATOR_SYSFS_ROOT`` (a fake ``sys/``+``proc/``
+tree standing in for the host topology).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def allocator_config_path() -> Path:
 
 def sysfs_root() -> str:
     return os.environ.get("NITRO_EMULATOR_SYSFS_ROOT") or "/"
+
+
+def rootfs_cache_dir() -> Path:
+    """Unpacked images (see isolation.rootfs_cache); ``NITRO_EMULATOR_CACHE`` lets emulated hosts share it."""
+    return Path(os.environ.get("NITRO_EMULATOR_CACHE") or emulator_home() / "rootfs-cache")
 
 
 def allocator_state_path() -> Path:
