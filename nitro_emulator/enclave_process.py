@@ -32,14 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nitro_module_utils.enclave_spec import eif_memory_mib
+from nitro_module_utils.enclave_spec import MIN_MEMORY_MIB, eif_memory_mib
 
 from . import state
 from .errors import NitroCliError
 
 MAX_FRAME = 16 << 20
 BOOT_TIMEOUT_S = 90.0  # nitro-cli's heartbeat timeout for images up to 6 GiB
-MIN_ENCLAVE_MEMORY_MIB = 64  # NE_MIN_ENCLAVE_MEM_SIZE
 FIRST_AUTO_CID = 16
 MAX_CID = 0xFFFFFFFF
 DEBUG_FLAG = 1
@@ -281,7 +280,7 @@ class Enclave:
             if allocated > pool["memory_mib"] - table.used_memory_mib():
                 raise NitroCliError(27, "memory", request.memory_mib)
             cpus = pick_cpus(request, pool["cores"], pool["cpu_pool"], table.used_cpus())
-            if allocated < MIN_ENCLAVE_MEMORY_MIB:
+            if allocated < MIN_MEMORY_MIB:  # NE_MIN_ENCLAVE_MEM_SIZE
                 raise NitroCliError(29, MEMORY_MIN)
             cid = pick_cid(request.enclave_cid, table.used_cids())
             slot_uid = f"{secrets.randbits(60) | 1 << 56:x}"
