@@ -176,6 +176,12 @@ def remove_slot_files(slot: Slot) -> None:
     cid_dir = vsock_dir() / str(slot.cid)
     if cid_dir.is_dir() and not cid_dir.is_symlink():
         shutil.rmtree(cid_dir, ignore_errors=True)
+    cgroup = slot.extra.get("cgroup")
+    if cgroup:
+        from .isolation import remove_cgroup
+
+        # Empty once the kernel has reaped the enclave's tasks (they die with their enclave process).
+        remove_cgroup(Path(cgroup), timeout=2.0)
 
 
 def _load(path: Path) -> dict[str, Slot]:

@@ -215,6 +215,8 @@ def test_enclave_exit_and_process_death(emu_host: EmulatorHost, probe_eif: Path)
     # The enclave process is killed outright: its enclave dies with it, leftovers are pruned.
     info = run_probe(emu_host, probe_eif, "--cpu-count", "1")
     enclave_pids = descendants(info["ProcessID"])
+    [slot] = json.loads((emu_host.sockets / ".driver.json").read_text()).values()
+    cgroup = slot["extra"].get("cgroup")  # None where the host offers no writable memory cgroup
     assert len(enclave_pids) >= 3  # unshare, init (PID 1 inside), the probe
     os.kill(info["ProcessID"], signal.SIGKILL)
     wait_gone(emu_host)
@@ -224,6 +226,7 @@ def test_enclave_exit_and_process_death(emu_host: EmulatorHost, probe_eif: Path)
         time.sleep(0.1)
     assert not (emu_host.vsock / str(info["EnclaveCID"])).exists()
     assert [p.name for p in emu_host.sockets.iterdir() if not p.name.startswith(".")] == []
+    assert cgroup is None or not Path(cgroup).exists()
     # Its CPU and memory are free again.
     again = emu_host.run("run-enclave", "--eif-path", str(probe_eif), "--cpu-count", "1", "--memory", MEMORY)
     assert again.code == 0, again.stderr
