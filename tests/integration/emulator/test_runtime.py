@@ -96,6 +96,11 @@ def test_run_describe_echo_terminate(emu_host: EmulatorHost, probe_eif: Path) ->
 
     cid = info["EnclaveCID"]
     emu_host.wait_probe(cid)
+    [slot] = json.loads((emu_host.sockets / ".driver.json").read_text()).values()
+    if slot["extra"].get("cgroup"):  # the whole enclave (tmpfs rootfs included) is held to its memory
+        cgroup = Path(slot["extra"]["cgroup"])
+        limit = cgroup / "memory.limit_in_bytes"  # cgroup v1; v2 calls it memory.max
+        assert int((limit if limit.exists() else cgroup / "memory.max").read_text()) == 1024 << 20
     assert emu_host.ask(cid, "echo hello enclave") == b"hello enclave"
 
     [described] = describe(emu_host)
