@@ -12,7 +12,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export NITRO_ANSIBLE_ROOT := $(CURDIR)
 export NITRO_ANSIBLE_WHEELHOUSE := $(CURDIR)/$(WHEELHOUSE)
 
-.PHONY: help setup venv docker images wheelhouse site test test-fast test-unit test-integration test-molecule lint bench clean
+.PHONY: help setup venv docker images wheelhouse site test test-fast test-unit test-integration test-molecule lint bench docs clean
 
 help:
 	@echo "make site   - set up if needed, then run site.yml on the default inventory (localhost, emulated)"
@@ -86,6 +86,10 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python -m tests.bench
+
+# Role READMEs are generated from meta/argument_specs.yml (a unit test checks they are current).
+docs: venv
+	$(BIN)/python scripts/role_readmes.py
 
 clean:
 	rm -rf $(VENV) $(CACHE)

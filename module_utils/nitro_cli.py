@@ -22,9 +22,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from .vsock import DEFAULT_VSOCK_DIR, connect, describe, emulation_dir
+
 DEVICE = "/dev/nitro_enclaves"
 DEFAULT_SOCKETS_PATH = "/run/nitro_enclaves"
-DEFAULT_VSOCK_DIR = "/run/nitro_enclaves/vsock"
 PARENT_CID = 3
 LOCK_NAME = ".ansible-launch.lock"
 # Env overrides: NITRO_CLI_BIN names the binary to run; NITRO_EMULATED=1/0 forces the host mode
@@ -331,30 +332,14 @@ def launch_lock(path: str | None = None, timeout: float = 300.0) -> Iterator[str
 # Waiting for an enclave's vsock port (the transport rule of enclave_tokenizer/vsock.py)
 
 
-def vsock_unix_path(cid: int, port: int, vsock_dir: str | None = None) -> str:
-    base = vsock_dir or os.environ.get("NITRO_VSOCK_DIR") or DEFAULT_VSOCK_DIR
-    return os.path.join(base, str(cid), str(port))
-
-
-def uses_emulated_vsock() -> bool:
-    """UNIX-socket vsock when NITRO_VSOCK_DIR is set or the host is emulated, else AF_VSOCK."""
-    return bool(os.environ.get("NITRO_VSOCK_DIR")) or is_emulated()
+def host_vsock_dir() -> str | None:
+    """Emulated vsock directory for parent-side callers: $NITRO_VSOCK_DIR, else the emulator's default on an
+    emulated host; None (AF_VSOCK) on a Nitro host."""
+    return emulation_dir() or (DEFAULT_VSOCK_DIR if is_emulated() else None)
 
 
 def vsock_connect(cid: int, port: int, timeout: float = 2.0) -> socket.socket:
-    if uses_emulated_vsock():
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address: Any = vsock_unix_path(cid, port)
-    else:
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        address = (cid, port)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return connect(cid, port, timeout=timeout, emulated_dir=host_vsock_dir())
 
 
 def wait_for_vsock(cid: int, port: int, timeout: float = 60.0, interval: float = 0.2) -> float:
@@ -368,6 +353,6 @@ def wait_for_vsock(cid: int, port: int, timeout: float = 60.0, interval: float =
         except OSError as exc:
             last = exc
         if time.monotonic() - start >= timeout:
-            where = vsock_unix_path(cid, port) if uses_emulated_vsock() else f"AF_VSOCK {cid}:{port}"
+            where = describe(cid, port, host_vsock_dir())
             raise TimeoutError(f"nothing accepted on vsock {cid}:{port} ({where}) within {timeout:g} s: {last}")
         time.sleep(interval)

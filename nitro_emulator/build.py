@@ -61,7 +61,7 @@ def _print_json(value: Any) -> None:
 
 
 def _file_error(path: str | os.PathLike[str], operation: str) -> NitroCliError:
-    return NitroCliError(19, f"File: '{path}', failing operation: '{operation}'.")
+    return NitroCliError(19, path, operation)
 
 
 # ------------------------------------------------------------------------------------------------ blobs

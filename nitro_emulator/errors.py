@@ -7,7 +7,8 @@ import sys
 ERRORS_URL = "https://docs.aws.amazon.com/enclaves/latest/user/cli-errors.html"
 
 # Templates of the parameterised errors (nitro-cli src/common/document_errors.rs); {n} = info item n.
-TEMPLATES: dict[int, str] = {
+# A dict chooses the template by the number of info items, as nitro-cli does.
+TEMPLATES: dict[int, str | dict[int, str]] = {
     0: "Unspecified error.",
     1: "Missing mandatory argument. User did not provide the `{0}` argument.",
     2: "Conflicting arguments. User provided both `{0}` and `{1}`.",
@@ -15,7 +16,10 @@ TEMPLATES: dict[int, str] = {
     7: "Read from disk failure. {0}",
     11: "Socket error. {0}",
     17: "Serde error. {0}",
-    19: "File operation failure. {0}",
+    19: {
+        1: "File operation failure. {0}",
+        2: "File operation failure.\nFile: '{0}', failing operation: '{1}'.",
+    },
     20: "Invalid CPU configuration. User provided `{0}` contains same CPU(s) (CPU(s) {1}) multiple times.",
     21: (
         "No such CPU available in the pool. User provided `{0}` contains CPU {1}, which is not available "
@@ -27,10 +31,13 @@ TEMPLATES: dict[int, str] = {
         "configured CPU pool size.\nYou can increase the CPU pool size by editing the `cpu_count` value "
         "from '/etc/nitro_enclaves/allocator.yaml' and then enable the nitro-enclaves-allocator.service."
     ),
-    26: (
-        "Insufficient memory requested. User provided `{0}` is {1} MB, but based on the EIF file size, "
-        "the minimum memory should be {2} MB"
-    ),
+    26: {
+        2: "Insufficient memory requested. User provided `{0}` is {1} MB, and memory should be greater than 0 MB.",
+        3: (
+            "Insufficient memory requested. User provided `{0}` is {1} MB, but based on the EIF file size, "
+            "the minimum memory should be {2} MB"
+        ),
+    },
     27: (
         "Insufficient memory available. User provided `{0}` is {1} MB, which is more than the available "
         "hugepage memory.\nYou can increase the available memory by editing the `memory_mib` value from "
@@ -61,6 +68,8 @@ class NitroCliError(Exception):
     @property
     def message(self) -> str:
         template = TEMPLATES.get(self.code, "{0}")
+        if isinstance(template, dict):
+            template = template.get(len(self.info)) or template[max(template)]
         count = template.count("{")
         items = list(self.info) + ["MISSING_INFO"] * max(0, count - len(self.info))
         return template.format(*items).rstrip()

@@ -247,7 +247,7 @@ def test_launch_lock_waits_for_release(tmp_path: Path) -> None:
 
 def test_wait_for_emulated_vsock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NITRO_VSOCK_DIR", str(tmp_path))
-    assert nitro_cli.vsock_unix_path(16, 5000) == str(tmp_path / "16" / "5000")
+    assert nitro_cli.host_vsock_dir() == str(tmp_path)
     (tmp_path / "16").mkdir()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
@@ -272,10 +272,16 @@ def test_wait_for_vsock_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         wait_for_vsock(16, 5000, timeout=0.3, interval=0.05)
 
 
+def test_emulated_host_defaults_to_the_emulator_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NITRO_VSOCK_DIR", raising=False)
+    monkeypatch.setenv("NITRO_EMULATED", "1")
+    assert nitro_cli.host_vsock_dir() == "/run/nitro_enclaves/vsock"
+
+
 def test_real_vsock_used_on_nitro_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NITRO_VSOCK_DIR", raising=False)
     monkeypatch.setenv("NITRO_EMULATED", "0")
-    assert nitro_cli.uses_emulated_vsock() is False
+    assert nitro_cli.host_vsock_dir() is None
     # AF_VSOCK sockets can be created here but nothing answers: the wait must time out, not crash.
-    with pytest.raises(TimeoutError, match="AF_VSOCK 16:5000"):
+    with pytest.raises(TimeoutError, match=r"nothing accepted on vsock 16:5000 \(vsock\(16:5000\)\)"):
         wait_for_vsock(16, 5000, timeout=0.3, interval=0.05)
