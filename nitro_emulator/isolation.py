@@ -46,6 +46,7 @@ MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
+MS_MOVE = 0x2000
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
@@ -59,8 +60,8 @@ HEARTBEAT = b"\xb7"  # the byte a Nitro enclave's init sends to CID 3:9000 once 
 # pivot_root has no glibc wrapper.
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "arm64": 41}
 # Capabilities the application must not keep: each could reach outside the sandbox (mounts, devices,
-# open_by_handle_at, kernel modules, raw I/O, clock, reboot, MAC/audit policy, BPF/perf).
-DROPPED_CAPS = (2, 9, 16, 17, 20, 21, 22, 25, 26, 27, 30, 32, 33, 34, 36, 38, 39, 40)
+# open_by_handle_at, kernel modules, chroot, raw I/O, clock, reboot, MAC/audit policy, BPF/perf).
+DROPPED_CAPS = (2, 9, 16, 17, 18, 20, 21, 22, 25, 26, 27, 30, 32, 33, 34, 36, 38, 39, 40)
 CONSOLE_DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9)}
 ENCLAVE_VSOCK_DIR = "/run/vsock"
 ENCLAVE_NSM_SOCKET = "/run/nsm.sock"
@@ -96,7 +97,26 @@ def pivot_root(new_root: str, put_old: str) -> None:
     number = SYS_PIVOT_ROOT.get(platform.machine().lower())
     if number is None:
         raise IsolationError(f"pivot_root: unsupported architecture {platform.machine()}")
-    _check(_libc.syscall(number, new_root.encode(), put_old.encode()), "pivot_root")
+    if _libc.syscall(number, new_root.encode(), put_old.encode()) != 0:
+        code = ctypes.get_errno()
+        if code == errno.EPERM:
+            raise PermissionError(code, "pivot_root")
+        raise IsolationError(f"pivot_root: {os.strerror(code)}")
+
+
+def enter_root(root: Path) -> None:
+    """Make `root` the filesystem root of this mount namespace. pivot_root detaches the host's tree;
+    where a seccomp profile refuses pivot_root (Docker's default one does), do what switch_root does:
+    move the new root over / and chroot into it. The host's tree is then hidden under it, and the
+    application cannot chroot back out (CAP_SYS_CHROOT is among the dropped capabilities)."""
+    os.chdir(root)
+    try:
+        pivot_root(".", ".")
+        umount(".", MNT_DETACH)
+    except PermissionError:
+        mount(".", "/", None, MS_MOVE)
+        os.chroot(".")
+    os.chdir("/")
 
 
 def prctl(option: int, arg: int) -> int:
@@ -109,12 +129,18 @@ def drop_capabilities() -> None:
             raise IsolationError(f"cannot drop capability {cap}: {os.strerror(ctypes.get_errno())}")
 
 
-def loopback_up() -> None:
-    """Bring `lo` up in the new network namespace (the only interface an enclave gets)."""
+def loopback_up() -> bool:
+    """Bring `lo` up in the new network namespace (the only interface an enclave gets). Returns False
+    when the host denies it (a container without CAP_NET_ADMIN): the enclave then has no interface up
+    at all, which keeps it just as isolated; only apps that talk to themselves over 127.0.0.1 notice."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         request = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH", fcntl.ioctl(sock, SIOCGIFFLAGS, request)[:18])[1]
-        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+        try:
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+        except PermissionError:
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------- host side
@@ -357,11 +383,9 @@ def build(spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     _bind(Path(spec["vsock_dir"]) / "3", root, f"{ENCLAVE_VSOCK_DIR}/3")
     _bind(spec["nsm_socket"], root, ENCLAVE_NSM_SOCKET, is_file=True)
     socket.sethostname(spec.get("hostname") or "enclave")
-    loopback_up()
-    os.chdir(root)
-    pivot_root(".", ".")
-    umount(".", MNT_DETACH)
-    os.chdir("/")
+    if not loopback_up():
+        _log("init: lo stays down: the host denies CAP_NET_ADMIN (no interface is up in the enclave)")
+    enter_root(root)
 
     env: dict[str, str] = {}
     for line in env_lines:
