@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -43,16 +44,21 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-@pytest.fixture(scope="session")
-def local_aws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `nitro-local-aws` (moto server + project extensions) on a loopback port; yields its URL."""
+@contextlib.contextmanager
+def running_local_aws(workdir: Path, env: dict[str, str] | None = None, *extra: str) -> Iterator[str]:
+    """A real `nitro-local-aws` (moto server + project extensions) on a free loopback port; yields its URL.
+
+    Each test package starts its own (with its own environment: emulator home, fault file, recorder),
+    since they reset or instrument the server in ways that would disturb each other.
+    """
     port = free_port()
-    log = tmp_path_factory.mktemp("local-aws") / "server.log"
-    with log.open("wb") as out:
+    with (workdir / f"local-aws-{port}.log").open("wb") as log:
         proc = subprocess.Popen(
-            [str(VENV_BIN / "nitro-local-aws"), "--port", str(port)],
-            stdout=out,
+            [str(VENV_BIN / "nitro-local-aws"), "--port", str(port), *extra],
+            stdout=log,
             stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
         )
     try:
         wait_for_port("127.0.0.1", port, proc=proc)
@@ -60,16 +66,6 @@ def local_aws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-
-
-@pytest.fixture
-def aws_env(local_aws: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Environment for boto3 clients against the local endpoint (dummy credentials, no real AWS)."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return local_aws
 
 
 @pytest.fixture(scope="session")

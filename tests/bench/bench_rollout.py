@@ -106,7 +106,7 @@ def rollout_seconds(count: int) -> tuple[float, str]:
                 "tests/molecule/cleanup.yml",
                 "-e",
                 f"kms_enclave_policy_local_port={KMS_PORT}",
-            ],  # noqa: E501
+            ],
             cwd=REPO,
             env=env,
             capture_output=True,

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 import boto3
 import pytest
 
-from tests.conftest import REPO_ROOT, VENV_BIN, free_port, wait_for_port
+from tests.conftest import REPO_ROOT, VENV_BIN, running_local_aws
 
 REGION = "us-east-1"
 AMI = "ami-12c6146b"  # any id works: moto does not validate AMIs unless told to
@@ -79,22 +79,9 @@ class Ec2Endpoint:
 def ec2_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ec2Endpoint]:
     workdir = tmp_path_factory.mktemp("ec2-local-aws")
     recording = workdir / "recording.jsonl"
-    port = free_port()
     env = {**os.environ, "MOTO_RECORDER_FILEPATH": str(recording)}
-    with (workdir / "server.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "nitro-local-aws"), "--port", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-            env=env,
-        )
-    try:
-        wait_for_port("127.0.0.1", port, proc=proc)
-        yield Ec2Endpoint(f"http://127.0.0.1:{port}", recording)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with running_local_aws(workdir, env) as url:
+        yield Ec2Endpoint(url, recording)
 
 
 @pytest.fixture

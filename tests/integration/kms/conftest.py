@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from nitro_module_utils import kms_policy
 
 from nitro_emulator.nsm import build_attestation_document
-from tests.conftest import REPO_ROOT, VENV_BIN, free_port, wait_for_port
+from tests.conftest import REPO_ROOT, VENV_BIN, running_local_aws
 from tests.integration.ec2.conftest import DUMMY_ENV, REGION, ansible_env
 
 ACCOUNT = "123456789012"
@@ -56,25 +56,6 @@ class KmsEndpoint:
         return json.loads(self.faults.read_text() or "{}")
 
 
-def start_server(workdir: Path, env: dict[str, str], *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    with (workdir / f"server-{port}.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "nitro-local-aws"), "--port", str(port), *extra],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-            env=env,
-        )
-    try:
-        wait_for_port("127.0.0.1", port, proc=proc)
-    except BaseException:
-        proc.terminate()
-        proc.wait(timeout=10)
-        raise
-    return proc, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture(scope="session")
 def emulator_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("nitro-emulator-home")
@@ -86,12 +67,8 @@ def kms_endpoint(tmp_path_factory: pytest.TempPathFactory, emulator_home: Path) 
     faults = workdir / "faults.json"
     faults.write_text("{}")
     env = {**os.environ, "NITRO_EMULATOR_HOME": str(emulator_home), "NITRO_LOCAL_AWS_KMS_FAULTS": str(faults)}
-    proc, url = start_server(workdir, env)
-    try:
+    with running_local_aws(workdir, env) as url:
         yield KmsEndpoint(url, emulator_home, faults)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from enclave_tokenizer.cms import decrypt_enveloped_data
 
 from nitro_emulator.nsm import emulator_root_pem
+from tests.conftest import running_local_aws
 
 from .conftest import (
     DUMMY_ENV,
@@ -25,7 +26,6 @@ from .conftest import (
     get_policy,
     put_attested_statement,
     recipient,
-    start_server,
 )
 
 SECRET = b"32-byte data key for the enclave"
@@ -91,8 +91,7 @@ def test_another_root_is_trusted_when_configured(tmp_path, emulator_home, enclav
     root_file = tmp_path / "other-root.pem"
     root_file.write_bytes(emulator_root_pem(other_home))
     env = {**os.environ, "NITRO_EMULATOR_HOME": str(emulator_home)}
-    proc, url = start_server(tmp_path, env, "--attestation-root", str(root_file))
-    try:
+    with running_local_aws(tmp_path, env, "--attestation-root", str(root_file)) as url:
         client = boto3.client(
             "kms",
             region_name=REGION,
@@ -112,9 +111,6 @@ def test_another_root_is_trusted_when_configured(tmp_path, emulator_home, enclav
         with pytest.raises(botocore.exceptions.ClientError) as info:
             client.decrypt(CiphertextBlob=blob, Recipient=recipient(third))
         assert error_code(info) == "ValidationException"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_tampered_or_unusable_documents_refused(kms, kms_endpoint, enclave, attested_key) -> None:
