@@ -67,6 +67,9 @@ class Supervisor:
     failures_allowed: int = 3
     startup_grace: float = 60.0
     cli: NitroCli = field(default_factory=NitroCli)
+    # Set when the service stops: no launch may start after that (systemd has already signalled the
+    # enclave; a relaunch now would outlive the service).
+    stopping: threading.Event = field(default_factory=threading.Event)
     _failures: int = 0
     _launched_at: float = 0.0
     _measured: tuple[tuple[str, int, int], dict[str, str]] | None = None
@@ -80,7 +83,7 @@ class Supervisor:
         return self._measured[1]
 
     def check(self) -> str:
-        """One reconciliation. Returns what it did: ok, starting, launched, relaunched."""
+        """One reconciliation. Returns what it did: ok, starting, unhealthy, launched, relaunched, stopping."""
         spec = load_config(self.config_path)
         measurements = self.measurements(spec["eif_path"])
         records = self.cli.enclaves_named(spec["name"])
@@ -91,12 +94,10 @@ class Supervisor:
             changed = differences(records[0], spec, measurements)
             if changed:
                 self.terminate(spec["name"], "configuration changed: " + "; ".join(changed))
-                self.launch(spec)
-                return "relaunched"
+                return "relaunched" if self.launch(spec) else "stopping"
             return self.watch_health(spec, records[0])
         log.info("enclave %s is not running: launching", spec["name"])
-        self.launch(spec)
-        return "launched"
+        return "launched" if self.launch(spec) else "stopping"
 
     def watch_health(self, spec: dict[str, Any], record: dict[str, Any]) -> str:
         if self.health_port is None:
@@ -117,13 +118,16 @@ class Supervisor:
             )
             if self._failures >= self.failures_allowed:
                 self.terminate(spec["name"], f"not answering on vsock port {self.health_port}")
-                self.launch(spec)
-                return "relaunched"
+                return "relaunched" if self.launch(spec) else "stopping"
             return "unhealthy"
         self._failures = 0
         return "ok"
 
-    def launch(self, spec: dict[str, Any]) -> None:
+    def launch(self, spec: dict[str, Any]) -> bool:
+        """Launches the enclave; False (and nothing launched) once the service is stopping."""
+        if self.stopping.is_set():
+            log.info("not launching enclave %s: the service is stopping", spec["name"])
+            return False
         with launch_lock():
             record = self.cli.run_enclave(
                 spec["eif_path"],
@@ -144,18 +148,22 @@ class Supervisor:
             record.get("CPUIDs"),
             record.get("MemoryMiB"),
         )
+        return True
 
     def terminate(self, name: str, reason: str) -> None:
-        log.warning("terminating enclave %s: %s", name, reason)
-        try:
-            self.cli.terminate_enclave(name=name)
-        except NitroCliError as exc:
-            # Already gone (E58: no enclave of that name) is what terminating wanted.
-            if exc.code != 58:
-                raise
+        """Terminates every enclave of that name, by id (the name may be shared after a failed launch)."""
+        for record in self.cli.enclaves_named(name):
+            log.warning("terminating enclave %s (%s): %s", name, record.get("EnclaveID"), reason)
+            try:
+                self.cli.terminate_enclave(enclave_id=record["EnclaveID"])
+            except NitroCliError as exc:
+                # Gone in the meantime (E11: no such enclave process) is what terminating wanted.
+                if exc.code != 11:
+                    raise
 
 
-def run(supervisor: Supervisor, interval: float, stop: threading.Event) -> int:
+def run(supervisor: Supervisor, interval: float) -> int:
+    stop = supervisor.stopping
     backoff = interval
     while not stop.is_set():
         try:
@@ -198,10 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup_grace=args.startup_grace,
         cli=NitroCli(args.nitro_cli),
     )
-    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return run(supervisor, args.interval, stop)
+        signal.signal(sig, lambda *_: supervisor.stopping.set())
+    return run(supervisor, args.interval)
 
 
 if __name__ == "__main__":

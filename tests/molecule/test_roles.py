@@ -37,7 +37,8 @@ def test_molecule_scenario(scenario: Path, docker_engine: str) -> None:
     env.setdefault("NITRO_ANSIBLE_WHEELHOUSE", str(REPO_ROOT / ".cache" / "wheelhouse"))
     env.pop("ANSIBLE_CONFIG", None)  # molecule writes its own, from base.yml
     result = subprocess.run(
-        [sys.executable, "-m", "molecule", "--base-config", str(BASE_CONFIG), "test", "-s", scenario.name],
+        # The console script, not `python -m molecule`: from tests/ that would import tests/molecule.
+        [str(Path(sys.executable).parent / "molecule"), "--base-config", str(BASE_CONFIG), "test", "-s", scenario.name],
         cwd=project_dir,
         env=env,
         stdout=subprocess.PIPE,

@@ -1,0 +1,111 @@
+"""enclave-supervisor against a fake stateful nitro-cli: launch, adopt, apply config changes, relaunch
+an enclave that stops answering on vsock, terminate on stop, never launch while stopping."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from enclave_tokenizer.supervisor import ConfigError, Supervisor, load_config, run
+from nitro_fakes import FakeHost, make_eif
+from nitro_module_utils.nitro_cli import NitroCli
+
+
+def write_config(path: Path, eif: Path, **overrides: object) -> Path:
+    config = {"eif_path": str(eif), "memory_mib": 128, "cpu_count": 2, "enclave_cid": 16, "enclave_name": "tok"}
+    config.update(overrides)
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHost:
+    return FakeHost(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def eif(tmp_path: Path) -> Path:
+    path = tmp_path / "tok.eif"
+    make_eif(path)
+    return path
+
+
+def supervisor(config: Path, health_port: int | None = None) -> Supervisor:
+    return Supervisor(config_path=config, health_port=health_port, failures_allowed=2, startup_grace=0, cli=NitroCli())
+
+
+def test_launches_then_adopts_a_matching_enclave(host: FakeHost, eif: Path, tmp_path: Path) -> None:
+    sup = supervisor(write_config(tmp_path / "tok.json", eif))
+    assert sup.check() == "launched"
+    assert sup.check() == "ok"
+    assert sup.check() == "ok"
+    assert host.subcommands().count("run-enclave") == 1
+    (record,) = host.enclaves()
+    assert (record["EnclaveName"], record["EnclaveCID"], record["NumberOfCPUs"]) == ("tok", 16, 2)
+
+
+def test_a_changed_configuration_is_applied_by_relaunching(host: FakeHost, eif: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "tok.json", eif)
+    sup = supervisor(config)
+    sup.check()
+    write_config(config, eif, memory_mib=256)
+    assert sup.check() == "relaunched"
+    (record,) = host.enclaves()
+    assert record["MemoryMiB"] == 256
+    assert host.subcommands().count("terminate-enclave") == 1
+
+
+def test_a_new_eif_is_a_change_of_measurements(host: FakeHost, eif: Path, tmp_path: Path) -> None:
+    sup = supervisor(write_config(tmp_path / "tok.json", eif))
+    sup.check()
+    before = host.enclaves()[0]["Measurements"]["PCR0"]
+    make_eif(eif, payload=b"NEW APP")
+    assert sup.check() == "relaunched"
+    assert host.enclaves()[0]["Measurements"]["PCR0"] != before
+
+
+def test_an_enclave_that_died_is_relaunched(host: FakeHost, eif: Path, tmp_path: Path) -> None:
+    sup = supervisor(write_config(tmp_path / "tok.json", eif))
+    sup.check()
+    host.state.write_text(json.dumps({"enclaves": [], "next": 9}))
+    assert sup.check() == "launched"
+    assert len(host.enclaves()) == 1
+
+
+def test_an_enclave_that_stops_answering_is_relaunched(host: FakeHost, eif: Path, tmp_path: Path) -> None:
+    vsock = tmp_path / "vsock" / "16"
+    vsock.mkdir(parents=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(vsock / "5000"))
+    listener.listen(8)
+    sup = supervisor(write_config(tmp_path / "tok.json", eif), health_port=5000)
+    sup.check()
+    assert sup.check() == "ok"
+    listener.close()
+    (vsock / "5000").unlink()
+    assert sup.check() == "unhealthy"
+    assert sup.check() == "relaunched"
+    assert host.subcommands().count("run-enclave") == 2
+
+
+def test_stopping_terminates_and_never_launches(host: FakeHost, eif: Path, tmp_path: Path) -> None:
+    sup = supervisor(write_config(tmp_path / "tok.json", eif))
+    sup.check()
+    sup.stopping.set()
+    assert run(sup, interval=0.01) == 0
+    assert host.enclaves() == []
+    # A check racing with the stop must not start a new enclave that would outlive the service.
+    assert sup.check() == "stopping"
+    assert host.enclaves() == []
+
+
+def test_bad_configurations_name_the_problem(tmp_path: Path, eif: Path) -> None:
+    with pytest.raises(ConfigError, match="exactly one of cpu_count and cpu_ids"):
+        load_config(write_config(tmp_path / "a.json", eif, cpu_ids=[1]))
+    with pytest.raises(ConfigError, match="missing enclave_name"):
+        load_config(write_config(tmp_path / "b.json", eif, enclave_name=""))
+    (tmp_path / "c.json").write_text("[1]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        load_config(tmp_path / "c.json")
