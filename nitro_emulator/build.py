@@ -125,7 +125,8 @@ def ensure_image(uri: str, docker_dir: str | None) -> dict[str, Any]:
         if not (Path(docker_dir) / "Dockerfile").is_file():
             raise NitroCliError(49, f"No Dockerfile in '{docker_dir}'.")
         _progress(f"Building the Docker image {uri} from {docker_dir}...")
-        _docker(["build", "--quiet", "--tag", uri, docker_dir], 49, "Docker image build failed")
+        # --force-rm: a failed RUN step leaves no stopped container behind.
+        _docker(["build", "--quiet", "--force-rm", "--tag", uri, docker_dir], 49, "Docker image build failed")
     else:
         try:
             _docker(["image", "inspect", uri], 50, "inspect")
