@@ -12,10 +12,4 @@ EXTENSIONS = ("kms", "ec2")
 
 def install(**config: object) -> None:
     for name in EXTENSIONS:
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{name}":
-                raise
-            continue  # not written yet: plain moto behaviour for that service
-        module.install(**config)
+        importlib.import_module(f"{__package__}.{name}").install(**config)
