@@ -20,6 +20,31 @@ PYTHON_BASE_IMAGE = "nitro-ansible/python:3.11-bookworm"
 SYSTEMD_BASE_IMAGE = "nitro-ansible/systemd:bookworm"
 
 
+def attested_key_policy(role_arn: str, pcr0: str, account: str = "123456789012") -> dict:
+    """A key policy: the account root administers, `role_arn` may Decrypt only with an attestation
+    document whose PCR0 is `pcr0` (the seed's KMS policy)."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "Admin",
+                "Effect": "Allow",
+                "Principal": {"AWS": f"arn:aws:iam::{account}:root"},
+                "Action": "kms:*",
+                "Resource": "*",
+            },
+            {
+                "Sid": "EnclaveDecrypt",
+                "Effect": "Allow",
+                "Principal": {"AWS": role_arn},
+                "Action": "kms:Decrypt",
+                "Resource": "*",
+                "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:PCR0": pcr0}},
+            },
+        ],
+    }
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))

@@ -25,7 +25,7 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.conftest import PYTHON_BASE_IMAGE, REPO_ROOT, VENV_BIN, free_port, wait_for_port
+from tests.conftest import PYTHON_BASE_IMAGE, REPO_ROOT, VENV_BIN, attested_key_policy, free_port, wait_for_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.slow]
 
@@ -173,26 +173,7 @@ def _start_services(host: Host, eif: Eif) -> tuple[str, str]:
         aws_secret_access_key="testing",
     )
     key_id = kms.create_key(Description="tokenizer e2e")["KeyMetadata"]["KeyId"]
-    policy = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "Admin",
-                "Effect": "Allow",
-                "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
-                "Action": "kms:*",
-                "Resource": "*",
-            },
-            {
-                "Sid": "EnclaveDecrypt",
-                "Effect": "Allow",
-                "Principal": {"AWS": ROLE},
-                "Action": "kms:Decrypt",
-                "Resource": "*",
-                "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:PCR0": eif.pcr0}},
-            },
-        ],
-    }
+    policy = attested_key_policy(ROLE, eif.pcr0)
     kms.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
     blob = kms.generate_data_key_without_plaintext(KeyId=key_id, KeySpec="AES_256")["CiphertextBlob"]
     (host.root / "data-key.b64").write_text(base64.b64encode(blob).decode())

@@ -32,7 +32,7 @@ from enclave_tokenizer.parent import GatewayConfig, load_measurements
 from enclave_tokenizer.tokens import Tokenizer, capability_digest
 from tokenizer_harness import CAPABILITY, TEST_KEY, RunningServer, running_server
 
-from tests.conftest import VENV_BIN, free_port, wait_for_port
+from tests.conftest import VENV_BIN, attested_key_policy, free_port, wait_for_port
 
 PAN = "4111111111111111"
 TK = Tokenizer.from_data_key(TEST_KEY)
@@ -121,26 +121,7 @@ def _data_key(url: str, workdir: Path, pcr0: str) -> Path:
     """A key whose attested statement allows Decrypt for ``pcr0``; its data key's ciphertext (base64 file)."""
     client = _kms_client(url)
     key_id = client.create_key(Description="tokenizer test")["KeyMetadata"]["KeyId"]
-    policy = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "Admin",
-                "Effect": "Allow",
-                "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
-                "Action": "kms:*",
-                "Resource": "*",
-            },
-            {
-                "Sid": "EnclaveDecrypt",
-                "Effect": "Allow",
-                "Principal": {"AWS": ROLE},
-                "Action": "kms:Decrypt",
-                "Resource": "*",
-                "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:PCR0": pcr0}},
-            },
-        ],
-    }
+    policy = attested_key_policy(ROLE, pcr0)
     client.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
     blob = client.generate_data_key_without_plaintext(KeyId=key_id, KeySpec="AES_256")["CiphertextBlob"]
     path = workdir / f"data-key-{key_id}.b64"
