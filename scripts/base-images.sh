@@ -20,6 +20,7 @@ declare -A PACKAGES=(
 command -v debootstrap >/dev/null 2>&1 || {
   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || {
     echo "base-images: debootstrap is missing; install it (apt-get install debootstrap)." >&2; exit 1; }
+  apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
 }
 mkdir -p "$CACHE_DIR"
