@@ -57,7 +57,7 @@ options:
     default: {}
   dest:
     description:
-      - File that receives the base64 C(CiphertextBlob). Its directory must exist.
+      - File that receives the base64 C(CiphertextBlob). A missing directory is created with mode C(0700).
     type: path
     required: true
   force:
@@ -192,6 +192,7 @@ def blob_matches(client, blob: bytes, key_arn: str, context: dict) -> tuple[bool
 
 def write_atomic(module, path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".data-key.", dir=directory)
     try:
         with os.fdopen(fd, "w") as handle:

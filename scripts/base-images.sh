@@ -38,8 +38,9 @@ build_one() {
   rootfs=$(mktemp -d "$CACHE_DIR/rootfs.XXXXXX")
   debootstrap --variant=minbase --cache-dir="$debs" --include="$include" \
     "$SUITE" "$rootfs" "$MIRROR" >"$rootfs.log" 2>&1 || { tail -20 "$rootfs.log" >&2; return 1; }
-  # Images stay small and reproducible: no apt lists, no machine-id (systemd creates one at boot).
-  rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin
+  # Images stay small and reproducible: no apt lists or downloaded .debs (debootstrap leaves them in
+  # the rootfs too), no machine-id (systemd creates one at boot).
+  rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
   : >"$rootfs/etc/machine-id"
   tar -C "$rootfs" -c . | docker import \
     --change "LABEL $LABEL=$key" \
