@@ -25,9 +25,11 @@ HANDLERS: dict[str, str] = {
     "describe-enclaves": "runtime:describe_enclaves",
     "terminate-enclave": "runtime:terminate_enclave",
     "console": "runtime:console",
-    "allocator apply": "runtime:allocator_apply",
-    "allocator show": "runtime:allocator_show",
-    "vsock-proxy": "runtime:vsock_proxy",
+    "allocator apply": "allocator:allocator_apply",
+    "allocator show": "allocator:allocator_show",
+    # Only the proxy needs asyncio: describe-enclaves, which supervisors and gateways run every few
+    # seconds on every host, starts without it.
+    "vsock-proxy": "vsock_proxy:vsock_proxy",
 }
 
 

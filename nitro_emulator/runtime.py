@@ -5,8 +5,6 @@ Like nitro-cli, the CLI only parses arguments and talks to enclave processes ove
 (:mod:`nitro_emulator.enclave_process`). Failures inside an enclave process reach the user the way
 nitro-cli shows them: that process's ``[ Exx ]`` block, then ``Failed connections: 1`` and the CLI's own
 ``[ E39 ]`` (exit code 39).
-
-``allocator_apply``/``allocator_show`` and ``vsock_proxy`` are re-exported for the CLI dispatcher.
 """
 
 from __future__ import annotations
@@ -24,19 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from . import state
-from .allocator import allocator_apply, allocator_show
 from .enclave_process import recv_frame, send_frame, to_json
 from .errors import NitroCliError
-from .vsock_proxy import vsock_proxy
 
 __all__ = [
-    "allocator_apply",
-    "allocator_show",
     "console",
     "describe_enclaves",
     "run_enclave",
     "terminate_enclave",
-    "vsock_proxy",
 ]
 
 REPLY_TIMEOUT_S = 3.0  # ENCLAVE_PROC_WAIT_TIMEOUT_MSEC

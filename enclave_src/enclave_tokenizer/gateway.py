@@ -155,7 +155,11 @@ class Gateway:
     async def _monitor_loop(self) -> None:
         while True:
             try:
-                await self.check(force_describe=True)
+                # An enclave that answers holding its key needs nothing: no nitro-cli call (a process per
+                # poll on every host). Otherwise describe it (a restart may bring a new CID) and provision.
+                health, _ = await self.app_health()
+                if not (health and health.get("provisioned")):
+                    await self.check(force_describe=True)
             except Exception as exc:  # the monitor must outlive any single failure
                 log.error("monitor: %s", type(exc).__name__)
             await asyncio.sleep(self.config.monitor_interval)

@@ -4,8 +4,9 @@ nitro-cli's run-enclave detaches and returns, so a oneshot unit that calls it lo
 (a reported user trap). This process is what the per-enclave service runs instead: it launches the
 enclave through nitro-cli, watches `describe-enclaves` and the app's vsock port, and relaunches the
 enclave when it disappears, stops answering, or no longer matches its configuration (re-read every
-check, so a changed configuration is applied without restarting the service). Stopping the service
-terminates the enclave.
+check, so a changed configuration is applied without restarting the service). Between checks it
+watches the configuration file and the EIF (a stat per second, no nitro-cli call): a change is applied
+as soon as it has settled, not at the next check. Stopping the service terminates the enclave.
 
 The configuration is nitro-cli's `run-enclave --config` JSON. "Matches" is decided by the same
 comparison the nitro_enclave module uses (nitro_module_utils.enclave_spec).
@@ -30,6 +31,8 @@ from nitro_module_utils.enclave_spec import differences
 from nitro_module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, vsock_connect
 
 log = logging.getLogger("enclave-supervisor")
+
+WATCH_STEP_S = 1.0  # how often the configuration and the EIF are stat()ed between checks
 
 
 class ConfigError(Exception):
@@ -60,6 +63,15 @@ def load_config(path: Path) -> dict[str, Any]:
     }
 
 
+def _file_key(path: Path | str | None) -> tuple[int, int, int] | None:
+    """Identity of a file's content for change detection; None when it is missing."""
+    try:
+        stat = Path(path).stat() if path else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
 @dataclass
 class Supervisor:
     config_path: Path
@@ -73,6 +85,25 @@ class Supervisor:
     _failures: int = 0
     _launched_at: float = 0.0
     _measured: tuple[tuple[str, int, int], dict[str, str]] | None = None
+    _eif_path: str | None = None
+    _checked_inputs: tuple[tuple[int, int, int] | None, ...] | None = None
+
+    def inputs(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """(inode, mtime, size) of the configuration and of the EIF it named at the last check."""
+        return _file_key(self.config_path), _file_key(self._eif_path)
+
+    def wait_for_next_check(self, seconds: float) -> None:
+        """Sleeps until the next check is due, or until the configuration or the EIF changed and then
+        stayed the same for a watch step (a rollout writes the EIF, then the configuration)."""
+        deadline = time.monotonic() + seconds
+        seen = self._checked_inputs
+        while not self.stopping.wait(min(WATCH_STEP_S, max(deadline - time.monotonic(), 0.0))):
+            if time.monotonic() >= deadline:
+                return
+            now = self.inputs()
+            if now != self._checked_inputs and now == seen:
+                return
+            seen = now
 
     def measurements(self, eif_path: str) -> dict[str, str]:
         """The EIF's PCRs, recomputed only when the file changed (a GiB EIF takes seconds to hash)."""
@@ -84,7 +115,11 @@ class Supervisor:
 
     def check(self) -> str:
         """One reconciliation. Returns what it did: ok, starting, unhealthy, launched, relaunched, stopping."""
+        # Stat before reading: a change made while this check runs is seen by the next watch step.
+        config_key = _file_key(self.config_path)
         spec = load_config(self.config_path)
+        self._eif_path = spec["eif_path"]
+        self._checked_inputs = (config_key, _file_key(self._eif_path))
         measurements = self.measurements(spec["eif_path"])
         records = self.cli.enclaves_named(spec["name"])
         if len(records) > 1:
@@ -175,7 +210,7 @@ def run(supervisor: Supervisor, interval: float) -> int:
             stop.wait(backoff)
             backoff = min(backoff * 2, 60.0)
             continue
-        stop.wait(interval)
+        supervisor.wait_for_next_check(interval)
     try:
         name = load_config(supervisor.config_path)["name"]
         supervisor.terminate(name, "service stopping")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -66,10 +67,52 @@ def inventory(names: list[str], directory: Path) -> Path:
     return path
 
 
-def playbook(inventory_path: Path, *args: str) -> tuple[float, str]:
+# Who used the CPU while a playbook ran, by process family (Linux /proc; children count once reaped).
+CPU_FAMILIES = (
+    ("module runs inside the hosts (docker exec)", ("containerd-shim",)),
+    ("host services polling nitro-cli (supervisor, gateway, vsock-proxy)",
+     ("enclave-supervisor", "enclave-tokenizer", "vsock-proxy")),
+    ("new enclaves (boot and app)",
+     ("nitro_emulator.enclave_process", "nitro_emulator.isolation", "enclave_tokenizer.server")),
+    ("local KMS on the controller", ("nitro-local-aws",)),
+    ("docker engine", ("dockerd", "containerd")),
+)  # fmt: skip
+
+
+def _process_cpu() -> dict[int, tuple[float, str]]:
+    ticks = os.sysconf("SC_CLK_TCK")
+    seen: dict[int, tuple[float, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        seen[int(entry.name)] = (sum(int(f) for f in fields[11:15]) / ticks, cmdline)
+    return seen
+
+
+def cpu_report(before: dict[int, tuple[float, str]], controller_seconds: float, wall: float) -> list[str]:
+    used = {family: 0.0 for family, _ in CPU_FAMILIES}
+    for pid, (seconds, cmdline) in _process_cpu().items():
+        delta = seconds - before[pid][0] if pid in before else seconds
+        family = next((f for f, marks in CPU_FAMILIES if any(m in cmdline for m in marks)), None)
+        if family:
+            used[family] += max(delta, 0.0)
+    rows = [("ansible-playbook on the controller (forks, docker CLI, local modules, EIF build)", controller_seconds)]
+    rows += sorted(used.items(), key=lambda row: -row[1])
+    capacity = wall * (os.cpu_count() or 1)
+    return [f"  {cpu_s:6.1f} cpu-s ({100 * cpu_s / capacity:4.1f} % of {capacity:.0f})  {name}" for name, cpu_s in rows]
+
+
+def playbook(inventory_path: Path, *args: str, cpu: list[str] | None = None) -> tuple[float, str]:
     env = dict(
         os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1", PROFILE_TASKS_TASK_OUTPUT_LIMIT="8"
     )
+    before = _process_cpu() if cpu is not None else {}
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", str(inventory_path), *args],
@@ -80,13 +123,17 @@ def playbook(inventory_path: Path, *args: str) -> tuple[float, str]:
         check=False,
     )
     elapsed = time.perf_counter() - start
+    if cpu is not None:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        controller = sum(getattr(children, f) - getattr(children_before, f) for f in ("ru_utime", "ru_stime"))
+        cpu[:] = cpu_report(before, controller, elapsed)
     if result.returncode != 0:
         print(result.stdout[-6000:], result.stderr[-2000:], sep="\n")
         raise SystemExit(f"{args[0]} failed with exit code {result.returncode}")
     return elapsed, result.stdout
 
 
-def rollout_seconds(count: int) -> tuple[float, str]:
+def rollout_seconds(count: int) -> tuple[float, str, list[str]]:
     names = start_hosts(count)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -94,8 +141,10 @@ def rollout_seconds(count: int) -> tuple[float, str]:
             converge, _ = playbook(inv, "site.yml")
             print(f"  {count} host(s): site.yml converged in {converge:.0f} s (not the figure)", flush=True)
             version = f"bench-{count}-{int(time.time())}"
-            return playbook(inv, "playbooks/rollout.yml", "-e", f"enclave_image_version={version}",
-                            "-e", "rollout_batch_size=50%")  # fmt: skip
+            cpu: list[str] = []
+            elapsed, out = playbook(inv, "playbooks/rollout.yml", "-e", f"enclave_image_version={version}",
+                                    "-e", "rollout_batch_size=50%", cpu=cpu)  # fmt: skip
+            return elapsed, out, cpu
     finally:
         for name in names:
             subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
@@ -115,13 +164,13 @@ def rollout_seconds(count: int) -> tuple[float, str]:
 
 
 def main() -> None:
-    one, _ = rollout_seconds(1)
-    print(f"rollout to a new EIF, 1 host: {one:.0f} s", flush=True)
-    ten, out = rollout_seconds(10)
-    print(f"rollout to a new EIF, 10 hosts (2 batches of 5): {ten:.0f} s")
+    one, _, one_cpu = rollout_seconds(1)
+    print(f"rollout to a new EIF, 1 host: {one:.0f} s; CPU while it ran:", *one_cpu, sep="\n", flush=True)
+    ten, out, ten_cpu = rollout_seconds(10)
+    print(f"rollout to a new EIF, 10 hosts (2 batches of 5): {ten:.0f} s; CPU while it ran:", *ten_cpu, sep="\n")
     print(f"ratio 10 hosts / 1 host: {ten / one:.2f}x (target <= 3x)")
     slowest = re.findall(r"^(.+?) -+ (\d+\.\d+)s$", out, flags=re.MULTILINE)[:8]
-    print("slowest tasks of the 10-host rollout (what dominates):")
+    print("slowest tasks of the 10-host rollout (wall time of each task across its batch):")
     for name, seconds in slowest:
         print(f"  {float(seconds):6.1f} s  {name.strip()}")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,35 @@ def test_bad_configurations_name_the_problem(tmp_path: Path, eif: Path) -> None:
     (tmp_path / "c.json").write_text("[1]")
     with pytest.raises(ConfigError, match="expected a JSON object"):
         load_config(tmp_path / "c.json")
+
+
+def test_between_checks_a_settled_change_ends_the_wait(
+    host: FakeHost, eif: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("enclave_tokenizer.supervisor.WATCH_STEP_S", 0.02)
+    config = write_config(tmp_path / "tok.json", eif)
+    sup = supervisor(config)
+    sup.check()
+    checks_before = host.subcommands().count("describe-enclaves")
+
+    # Nothing changed: the wait lasts its whole interval and calls no nitro-cli.
+    start = time.monotonic()
+    sup.wait_for_next_check(0.3)
+    assert time.monotonic() - start >= 0.3
+    assert host.subcommands().count("describe-enclaves") == checks_before
+
+    # A new EIF (written elsewhere and renamed over, as Ansible's copy does) ends the wait long before
+    # the interval, and the check that follows relaunches on it.
+    replacement = tmp_path / "new.eif"
+    make_eif(replacement, payload=b"NEW APP")
+    threading.Timer(0.1, replacement.replace, args=(eif,)).start()
+    start = time.monotonic()
+    sup.wait_for_next_check(60)
+    assert time.monotonic() - start < 30
+    assert sup.check() == "relaunched"
+
+    # Stopping the service ends the wait at once.
+    sup.stopping.set()
+    start = time.monotonic()
+    sup.wait_for_next_check(60)
+    assert time.monotonic() - start < 30
