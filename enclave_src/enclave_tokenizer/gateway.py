@@ -5,7 +5,8 @@
                          X-Detokenize-Capability header (or "capability" in the body)
     GET  /healthz        200 only when the enclave is RUNNING, its key is provisioned and the app
                          answers; ?attest=1 also verifies a fresh attestation document (nonce) against
-                         the EIF's measurements artifact.
+                         the EIF's measurements artifact; ?wait=S (at most 300) holds the answer until
+                         the report is healthy or S seconds passed (one request per rollout gate).
 
 A monitor task polls the enclave; when it answers but is unprovisioned (first start, or a restart:
 its memory and key are gone) the gateway provisions it again. Requests are multiplexed over a pool of
@@ -45,6 +46,8 @@ _STATUS = {
     "busy": 503,
 }
 _DESCRIBE_TTL = 2.0
+_MAX_HEALTH_WAIT_S = 300.0
+_HEALTH_WAIT_STEP_S = 0.5
 _MAX_BACKOFF = 60.0
 
 
@@ -233,12 +236,24 @@ class Gateway:
         return await self._forward(forward, "tokens")
 
     async def handle_health(self, request: web.Request) -> web.Response:
-        report = await self.check(provision=True)
-        if request.query.get("attest") in ("1", "true", "yes"):
-            report["attestation"] = await self.attest()
-            if not report["attestation"].get("valid"):
-                report["status"] = "unavailable"
-        return web.json_response(report, status=200 if report["status"] == "ok" else 503)
+        raw_wait = request.query.get("wait", "0")
+        try:
+            wait = float(raw_wait)
+        except ValueError:
+            wait = -1.0
+        if not 0 <= wait <= _MAX_HEALTH_WAIT_S:
+            return _error("bad_request", f"wait={raw_wait!r}: expected seconds from 0 to {_MAX_HEALTH_WAIT_S:g}", 400)
+        attest = request.query.get("attest") in ("1", "true", "yes")
+        deadline = time.monotonic() + wait
+        while True:
+            report = await self.check(provision=True)
+            if attest:
+                report["attestation"] = await self.attest()
+                if not report["attestation"].get("valid"):
+                    report["status"] = "unavailable"
+            if report["status"] == "ok" or time.monotonic() >= deadline:
+                return web.json_response(report, status=200 if report["status"] == "ok" else 503)
+            await asyncio.sleep(min(_HEALTH_WAIT_STEP_S, max(deadline - time.monotonic(), 0.0)))
 
     # ---------------------------------------------------------------- lifecycle
     def app(self) -> web.Application:

@@ -6,7 +6,9 @@ enclave through nitro-cli, watches `describe-enclaves` and the app's vsock port,
 enclave when it disappears, stops answering, or no longer matches its configuration (re-read every
 check, so a changed configuration is applied without restarting the service). Between checks it
 watches the configuration file and the EIF (a stat per second, no nitro-cli call): a change is applied
-as soon as it has settled, not at the next check. Stopping the service terminates the enclave.
+as soon as it has settled, not at the next check. While the enclave answers and nothing changed, a
+check is a vsock connect; nitro-cli is asked every FULL_CHECK_EVERY checks and whenever something
+looks different. Stopping the service terminates the enclave.
 
 The configuration is nitro-cli's `run-enclave --config` JSON. "Matches" is decided by the same
 comparison the nitro_enclave module uses (nitro_module_utils.enclave_spec).
@@ -33,6 +35,9 @@ from nitro_module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, v
 log = logging.getLogger("enclave-supervisor")
 
 WATCH_STEP_S = 1.0  # how often the configuration and the EIF are stat()ed between checks
+# A healthy enclave with unchanged inputs is confirmed by its vsock port alone; every Nth check still
+# asks nitro-cli (describe-enclaves is a process per call, on every host, every interval).
+FULL_CHECK_EVERY = 6
 
 
 class ConfigError(Exception):
@@ -86,6 +91,8 @@ class Supervisor:
     _launched_at: float = 0.0
     _measured: tuple[tuple[str, int, int], dict[str, str]] | None = None
     _eif_path: str | None = None
+    _healthy_cid: int | None = None  # CID of the enclave the last full check found matching and answering
+    _quick_checks: int = 0
     _checked_inputs: tuple[tuple[int, int, int] | None, ...] | None = None
 
     def inputs(self) -> tuple[tuple[int, int, int] | None, ...]:
@@ -115,6 +122,29 @@ class Supervisor:
 
     def check(self) -> str:
         """One reconciliation. Returns what it did: ok, starting, unhealthy, launched, relaunched, stopping."""
+        if self._quick_check():
+            return "ok"
+        self._quick_checks = 0
+        self._healthy_cid = None
+        result, cid = self._full_check()
+        if result == "ok" and self.health_port is not None:
+            self._healthy_cid = cid
+        return result
+
+    def _quick_check(self) -> bool:
+        """True when the enclave the last full check found healthy still answers and nothing changed."""
+        if self._healthy_cid is None or self._quick_checks >= FULL_CHECK_EVERY - 1:
+            return False
+        if self.inputs() != self._checked_inputs:
+            return False
+        try:
+            vsock_connect(self._healthy_cid, int(self.health_port or 0), timeout=2.0).close()
+        except OSError:
+            return False
+        self._quick_checks += 1
+        return True
+
+    def _full_check(self) -> tuple[str, int | None]:
         # Stat before reading: a change made while this check runs is seen by the next watch step.
         config_key = _file_key(self.config_path)
         spec = load_config(self.config_path)
@@ -129,10 +159,10 @@ class Supervisor:
             changed = differences(records[0], spec, measurements)
             if changed:
                 self.terminate(spec["name"], "configuration changed: " + "; ".join(changed))
-                return "relaunched" if self.launch(spec) else "stopping"
-            return self.watch_health(spec, records[0])
+                return ("relaunched" if self.launch(spec) else "stopping"), None
+            return self.watch_health(spec, records[0]), int(records[0]["EnclaveCID"])
         log.info("enclave %s is not running: launching", spec["name"])
-        return "launched" if self.launch(spec) else "stopping"
+        return ("launched" if self.launch(spec) else "stopping"), None
 
     def watch_health(self, spec: dict[str, Any], record: dict[str, Any]) -> str:
         if self.health_port is None:

@@ -2,8 +2,9 @@
 
 Each host is an unprivileged systemd container from the local base image on the host network, with
 its own gateway port. site.yml converges the fleet (not timed); then rollout.yml rolls it to a new
-image in two batches (serial 50 %) and is timed. Figures are printed, never asserted; the slowest
-tasks of the 10-host rollout show what dominates.
+image in two batches (serial 50 %) and is timed. Figures are printed, never asserted. What dominates
+is shown two ways: where the CPU went while each rollout ran (2 cores shared by the controller, the
+container hosts and their enclaves), and the slowest tasks of the 10-host rollout.
 """
 
 from __future__ import annotations

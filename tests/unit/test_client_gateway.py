@@ -470,6 +470,26 @@ def test_gateway_http_errors(vsock_dir: Path, tmp_path: Path) -> None:
         assert report["key"]["last_error"]["code"] == "config_error"
 
 
+def test_healthz_wait_holds_the_answer_until_healthy(vsock_dir: Path, tmp_path: Path) -> None:
+    with GatewayThread(_gateway_config(tmp_path)) as gw:
+        for bad in ("abc", "301", "-1"):
+            code, body = gw.request("GET", f"/healthz?wait={bad}")
+            assert code == 400 and f"wait='{bad}'" in body["error"]["message"]
+        # No enclave: the answer comes when the wait is over, still unhealthy.
+        start = time.monotonic()
+        code, report = gw.request("GET", "/healthz?wait=1")
+        assert code == 503 and report["app"]["answering"] is False and time.monotonic() - start >= 1
+        # An enclave that comes up and is provisioned while the request waits: one healthy answer.
+        answer: dict[str, Any] = {}
+        waiting = threading.Thread(target=lambda: answer.update(result=gw.request("GET", "/healthz?wait=25")))
+        waiting.start()
+        time.sleep(0.5)
+        with running_server(vsock_dir) as srv:
+            srv.provision_directly()
+            waiting.join(30)
+        assert answer["result"][0] == 200 and answer["result"][1]["key"]["provisioned"] is True
+
+
 def test_config_load_env_and_measurements(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text("enclave_name: tokenizer\nkms_region: eu-west-1\nkms_encryption_context: {app: pay}\n")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from enclave_tokenizer.supervisor import ConfigError, Supervisor, load_config, run
+from enclave_tokenizer.supervisor import FULL_CHECK_EVERY, ConfigError, Supervisor, load_config, run
 from nitro_fakes import FakeHost, make_eif
 from nitro_module_utils.nitro_cli import NitroCli
 
@@ -90,6 +90,32 @@ def test_an_enclave_that_stops_answering_is_relaunched(host: FakeHost, eif: Path
     assert sup.check() == "unhealthy"
     assert sup.check() == "relaunched"
     assert host.subcommands().count("run-enclave") == 2
+
+
+def test_a_healthy_enclave_is_confirmed_without_nitro_cli(host: FakeHost, eif: Path, tmp_path: Path) -> None:
+    vsock = tmp_path / "vsock" / "16"
+    vsock.mkdir(parents=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(vsock / "5000"))
+    listener.listen(16)
+    config = write_config(tmp_path / "tok.json", eif)
+    sup = supervisor(config, health_port=5000)
+    assert sup.check() == "launched"
+    assert sup.check() == "ok"
+    describes = host.subcommands().count("describe-enclaves")
+    # The next FULL_CHECK_EVERY - 1 checks only knock on the vsock port; the one after asks nitro-cli.
+    assert [sup.check() for _ in range(FULL_CHECK_EVERY - 1)] == ["ok"] * (FULL_CHECK_EVERY - 1)
+    assert host.subcommands().count("describe-enclaves") == describes
+    assert sup.check() == "ok"
+    assert host.subcommands().count("describe-enclaves") == describes + 1
+    # A changed configuration is never taken on trust: the next check is a full one and applies it.
+    write_config(config, eif, memory_mib=256)
+    assert sup.check() == "relaunched"
+    # Nor is a silent enclave: the full check counts the failure.
+    assert sup.check() == "ok"
+    listener.close()
+    (vsock / "5000").unlink()
+    assert sup.check() == "unhealthy"
 
 
 def test_stopping_terminates_and_never_launches(host: FakeHost, eif: Path, tmp_path: Path) -> None:
