@@ -247,11 +247,14 @@ class Gateway:
         deadline = time.monotonic() + wait
         while True:
             report = await self.check(provision=True)
-            if attest:
+            last = time.monotonic() >= deadline
+            # An enclave that is not healthy yet cannot attest either: no attestation round trip (signing
+            # and verifying a document) until it is, or until the answer is due.
+            if attest and (report["status"] == "ok" or last):
                 report["attestation"] = await self.attest()
                 if not report["attestation"].get("valid"):
                     report["status"] = "unavailable"
-            if report["status"] == "ok" or time.monotonic() >= deadline:
+            if report["status"] == "ok" or last:
                 return web.json_response(report, status=200 if report["status"] == "ok" else 503)
             await asyncio.sleep(min(_HEALTH_WAIT_STEP_S, max(deadline - time.monotonic(), 0.0)))
 
