@@ -159,7 +159,7 @@ def _ensure_root(home: Path | None) -> tuple[Path, Path]:
     pem, key = base / ROOT_PEM_NAME, base / ROOT_KEY_NAME
     if pem.exists() and key.exists():
         return pem, key
-    base.mkdir(parents=True, exist_ok=True)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds the root key
     # flock works between processes and between threads (each open() is its own open file description).
     with open(base / ".root-ca.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
