@@ -89,7 +89,7 @@ class Supervisor:
     stopping: threading.Event = field(default_factory=threading.Event)
     _failures: int = 0
     _launched_at: float = 0.0
-    _measured: tuple[tuple[str, int, int], dict[str, str]] | None = None
+    _measured: tuple[tuple[str, tuple[int, int, int] | None], dict[str, str]] | None = None
     _eif_path: str | None = None
     _healthy_cid: int | None = None  # CID of the enclave the last full check found matching and answering
     _quick_checks: int = 0
@@ -112,10 +112,9 @@ class Supervisor:
                 return
             seen = now
 
-    def measurements(self, eif_path: str) -> dict[str, str]:
+    def measurements(self, eif_path: str, eif_key: tuple[int, int, int] | None) -> dict[str, str]:
         """The EIF's PCRs, recomputed only when the file changed (a GiB EIF takes seconds to hash)."""
-        stat = Path(eif_path).stat()
-        key = (eif_path, stat.st_mtime_ns, stat.st_size)
+        key = (eif_path, eif_key)
         if self._measured is None or self._measured[0] != key:
             self._measured = (key, dict(read_eif(eif_path).measurements))
         return self._measured[1]
@@ -127,18 +126,18 @@ class Supervisor:
         self._quick_checks = 0
         self._healthy_cid = None
         result, cid = self._full_check()
-        if result == "ok" and self.health_port is not None:
+        if result == "ok":
             self._healthy_cid = cid
         return result
 
     def _quick_check(self) -> bool:
         """True when the enclave the last full check found healthy still answers and nothing changed."""
-        if self._healthy_cid is None or self._quick_checks >= FULL_CHECK_EVERY - 1:
+        if self._healthy_cid is None or self.health_port is None or self._quick_checks >= FULL_CHECK_EVERY - 1:
             return False
         if self.inputs() != self._checked_inputs:
             return False
         try:
-            vsock_connect(self._healthy_cid, int(self.health_port or 0), timeout=2.0).close()
+            vsock_connect(self._healthy_cid, self.health_port, timeout=2.0).close()
         except OSError:
             return False
         self._quick_checks += 1
@@ -150,7 +149,7 @@ class Supervisor:
         spec = load_config(self.config_path)
         self._eif_path = spec["eif_path"]
         self._checked_inputs = (config_key, _file_key(self._eif_path))
-        measurements = self.measurements(spec["eif_path"])
+        measurements = self.measurements(spec["eif_path"], self._checked_inputs[1])
         records = self.cli.enclaves_named(spec["name"])
         if len(records) > 1:
             self.terminate(spec["name"], f"{len(records)} enclaves share the name")

@@ -76,28 +76,34 @@ def test_an_enclave_that_died_is_relaunched(host: FakeHost, eif: Path, tmp_path:
     assert len(host.enclaves()) == 1
 
 
+class AppPort:
+    """The enclave app's vsock port 5000 on CID 16, emulated: a UNIX socket under the fake host's vsock dir."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "vsock" / "16" / "5000"
+        self.path.parent.mkdir(parents=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.path))
+        self.listener.listen(16)
+
+    def stop(self) -> None:
+        self.listener.close()
+        self.path.unlink()
+
+
 def test_an_enclave_that_stops_answering_is_relaunched(host: FakeHost, eif: Path, tmp_path: Path) -> None:
-    vsock = tmp_path / "vsock" / "16"
-    vsock.mkdir(parents=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(vsock / "5000"))
-    listener.listen(8)
+    app = AppPort(tmp_path)
     sup = supervisor(write_config(tmp_path / "tok.json", eif), health_port=5000)
     sup.check()
     assert sup.check() == "ok"
-    listener.close()
-    (vsock / "5000").unlink()
+    app.stop()
     assert sup.check() == "unhealthy"
     assert sup.check() == "relaunched"
     assert host.subcommands().count("run-enclave") == 2
 
 
 def test_a_healthy_enclave_is_confirmed_without_nitro_cli(host: FakeHost, eif: Path, tmp_path: Path) -> None:
-    vsock = tmp_path / "vsock" / "16"
-    vsock.mkdir(parents=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(vsock / "5000"))
-    listener.listen(16)
+    app = AppPort(tmp_path)
     config = write_config(tmp_path / "tok.json", eif)
     sup = supervisor(config, health_port=5000)
     assert sup.check() == "launched"
@@ -113,8 +119,7 @@ def test_a_healthy_enclave_is_confirmed_without_nitro_cli(host: FakeHost, eif: P
     assert sup.check() == "relaunched"
     # Nor is a silent enclave: the full check counts the failure.
     assert sup.check() == "ok"
-    listener.close()
-    (vsock / "5000").unlink()
+    app.stop()
     assert sup.check() == "unhealthy"
 
 

@@ -14,37 +14,34 @@ link_ok() { [ -z "$link" ] || [ "$(readlink "$link" 2>/dev/null)" = "$emulator" 
 
 # In check mode the archive may not have been copied yet.
 sum=$(sha256sum "$archive" 2>/dev/null | cut -d' ' -f1)
+current=no
 if [ -n "$sum" ] && [ -x "$venv/bin/python" ] && [ -f "$record" ] && [ "$(cat "$record")" = "$sum" ]; then
-    if link_ok; then
-        echo unchanged
-        exit 0
-    fi
-    if [ "$check_mode" = True ]; then
-        echo "would change"
-    else
-        ln -sfn "$emulator" "$link"
-        echo changed
-    fi
+    current=yes
+fi
+if [ "$current" = yes ] && link_ok; then
+    echo unchanged
     exit 0
 fi
-if [ "$check_mode" = "True" ]; then
+if [ "$check_mode" = True ]; then
     echo "would change"
     exit 0
 fi
 
-# Unpack next to the old wheels and swap, so an interrupted unpack never leaves a half wheelhouse.
-rm -rf "$wheels.new"
-mkdir -p "$wheels.new"
-tar -xf "$archive" -C "$wheels.new"
-rm -rf "$wheels"
-mv "$wheels.new" "$wheels"
+if [ "$current" = no ]; then
+    # Unpack next to the old wheels and swap, so an interrupted unpack never leaves a half wheelhouse.
+    rm -rf "$wheels.new"
+    mkdir -p "$wheels.new"
+    tar -xf "$archive" -C "$wheels.new"
+    rm -rf "$wheels"
+    mv "$wheels.new" "$wheels"
 
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check --no-index --find-links "$wheels" "${wheels}/${wheel}[${extras}]"
-# The project wheel keeps its version between builds: reinstall it (not its dependencies) every time.
-"$venv/bin/pip" install --quiet --disable-pip-version-check --no-index --no-deps --force-reinstall "$wheels/$wheel"
+    [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-index --find-links "$wheels" "${wheels}/${wheel}[${extras}]"
+    # The project wheel keeps its version between builds: reinstall it (not its dependencies) every time.
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-index --no-deps --force-reinstall "$wheels/$wheel"
 
-echo "$sum" > "$record.tmp"
-mv "$record.tmp" "$record"
+    echo "$sum" > "$record.tmp"
+    mv "$record.tmp" "$record"
+fi
 [ -z "$link" ] || ln -sfn "$emulator" "$link"
 echo changed
