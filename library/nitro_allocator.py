@@ -42,8 +42,14 @@ options:
     description:
       - Hugepage memory to reserve for enclaves, in MiB. At least 64.
       - Every enclave's C(memory_mib) must fit in it, and an enclave needs at least 4 times its EIF size.
+      - Exactly one of O(memory_mib) and O(min_memory_mib) is required.
     type: int
-    required: true
+  min_memory_mib:
+    description:
+      - Reserve at least this much memory, in MiB, keeping a larger C(memory_mib) the file already has.
+      - Meant for a size derived from an EIF. A new, smaller EIF then needs no re-sizing (which fails while
+        enclaves run), and a larger one grows the reservation.
+    type: int
   cpu_count:
     description:
       - Number of CPUs to reserve; the allocator picks full cores on one NUMA node, never CPU 0's core.
@@ -123,6 +129,11 @@ EXAMPLES = r"""
     backup: true
     terminate_running: true
 
+- name: Reserve what an EIF needs, never shrinking an existing reservation
+  nitro_allocator:
+    min_memory_mib: "{{ eif.min_memory_mib }}"
+    cpu_count: 2
+
 - name: Only write the file (the service applies it at next boot)
   nitro_allocator:
     memory_mib: 512
@@ -198,11 +209,18 @@ HEADER = "Managed by Ansible (nitro_allocator). Read by the nitro-enclaves-alloc
 REAL_ALLOCATOR = "/usr/bin/nitro-enclaves-allocator"
 
 
-def desired_config(module: AnsibleModule) -> AllocatorConfig:
+def desired_memory(params: dict[str, Any], current: AllocatorConfig | None) -> int:
+    if params["memory_mib"] is not None:
+        return params["memory_mib"]
+    return max(params["min_memory_mib"], current.memory_mib if current else 0)
+
+
+def desired_config(module: AnsibleModule, current: AllocatorConfig | None) -> AllocatorConfig:
     params = module.params
+    memory_mib = desired_memory(params, current)
     pool = params["cpu_pool"]
     if pool is None:
-        return AllocatorConfig(memory_mib=params["memory_mib"], cpu_count=params["cpu_count"])
+        return AllocatorConfig(memory_mib=memory_mib, cpu_count=params["cpu_count"])
     try:
         if isinstance(pool, list):
             cpus = [int(str(item).strip()) for item in pool]
@@ -218,7 +236,7 @@ def desired_config(module: AnsibleModule) -> AllocatorConfig:
             msg=f"cpu_pool {pool!r} is not a CPU list{detail}; "
             "allowed: a cpu-list string like '2,3,6-9' or a list of CPU numbers like [2, 3]"
         )
-    return AllocatorConfig(memory_mib=params["memory_mib"], cpu_pool=tuple(sorted(set(cpus))))
+    return AllocatorConfig(memory_mib=memory_mib, cpu_pool=tuple(sorted(set(cpus))))
 
 
 def read_current(path: str) -> tuple[str | None, AllocatorConfig | None, str | None]:
@@ -330,7 +348,8 @@ def main() -> None:
                 default="/etc/nitro_enclaves/allocator.yaml",
                 fallback=(env_fallback, ["NITRO_ALLOCATOR_CONFIG"]),
             ),
-            memory_mib=dict(type="int", required=True),
+            memory_mib=dict(type="int"),
+            min_memory_mib=dict(type="int"),
             cpu_count=dict(type="int"),
             cpu_pool=dict(type="raw"),
             backup=dict(type="bool", default=False),
@@ -343,13 +362,14 @@ def main() -> None:
             nitro_cli_path=dict(type="path"),
             sysfs_root=dict(type="path", default="/", fallback=(env_fallback, ["NITRO_EMULATOR_SYSFS_ROOT"])),
         ),
-        required_one_of=[("cpu_count", "cpu_pool")],
-        mutually_exclusive=[("cpu_count", "cpu_pool")],
+        required_one_of=[("cpu_count", "cpu_pool"), ("memory_mib", "min_memory_mib")],
+        mutually_exclusive=[("cpu_count", "cpu_pool"), ("memory_mib", "min_memory_mib")],
         supports_check_mode=True,
     )
     params = module.params
     path = params["path"]
-    desired = desired_config(module)
+    before_text, current, parse_error = read_current(path)
+    desired = desired_config(module, current)
 
     try:
         topology = HostTopology.from_sysfs(params["sysfs_root"])
@@ -365,7 +385,6 @@ def main() -> None:
             topology=topology_facts(topology),
         )
 
-    before_text, current, parse_error = read_current(path)
     after_text = render_allocator_yaml(desired, header=HEADER)
     file_changed = current != desired
     result: dict[str, Any] = {

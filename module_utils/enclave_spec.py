@@ -53,6 +53,15 @@ def differences(record: dict[str, Any], params: dict[str, Any], measurements: di
     return out
 
 
+def unexpected_measurements(measurements: dict[str, str], expected: dict[str, str]) -> list[str]:
+    """The PCRs an EIF measures other than expected (the build host's record); [] when it is the image."""
+    return [
+        f"{pcr} {measurements.get(pcr, '')[:16]}..., expected {value[:16]}..."
+        for pcr, value in sorted(expected.items())
+        if measurements.get(pcr, "").lower() != value.lower()
+    ]
+
+
 def summary(record: dict[str, Any] | None) -> dict[str, Any]:
     """The compared fields of a describe record, for the diff."""
     if not record:

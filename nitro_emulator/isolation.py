@@ -230,12 +230,16 @@ def preexec(cgroup: Path | None, cpus: list[int], memory_mib: int) -> Callable[[
 
 
 def rootfs_cache(image: Any, base: Path) -> Path | None:
-    """The EIF's customer ramdisks unpacked once per image (keyed by PCR0, which covers every ramdisk
-    byte) under ``base`` (0700, root only), so later boots copy instead of inflating.
+    """The EIF's customer ramdisks unpacked under ``base`` (0700, root only) for the image's second and
+    later boots, keyed by PCR0 (which covers every ramdisk byte); None when the enclave should unpack
+    the EIF itself.
+
+    A first boot only records the image (``<PCR0>.seen``): unpacking straight into the enclave's tmpfs
+    is cheaper than unpacking to disk and copying, and most images boot once per host (a rollout). A
+    relaunch of the same image then fills the cache, and later boots copy instead of inflating.
 
     Only the image's own content is kept there; what an enclave writes lives in its private tmpfs and
-    is gone when it stops. The newest CACHE_KEEP images are kept. None when the cache is unusable (the
-    enclave then unpacks the EIF itself).
+    is gone when it stops. The newest CACHE_KEEP images are kept. None too when the cache is unusable.
     """
     from nitro_module_utils.eif import EifError, extract_customer_ramdisks
 
@@ -245,6 +249,11 @@ def rootfs_cache(image: Any, base: Path) -> Path | None:
         with open(base / ".lock", "a+b") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             target = base / image.pcrs["PCR0"]
+            seen = base / f"{target.name}.seen"
+            if not target.is_dir() and not seen.exists():
+                seen.touch()
+                _prune_cache(base, keep={seen})
+                return None
             if not target.is_dir():
                 tmp = base / f".unpacking-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -254,17 +263,25 @@ def rootfs_cache(image: Any, base: Path) -> Path | None:
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
             os.utime(target)
-            entries = sorted(
-                (p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                key=lambda p: p.stat().st_mtime,
-                reverse=True,
-            )
-            for old in entries[CACHE_KEEP:]:
-                if old != target:
-                    shutil.rmtree(old, ignore_errors=True)
+            seen.touch()
+            _prune_cache(base, keep={seen, target})
             return target
     except (OSError, EifError):
         return None
+
+
+def _prune_cache(base: Path, keep: set[Path]) -> None:
+    """Drops all but the CACHE_KEEP most recently booted images (unpacked trees and first-boot marks)."""
+    marks = list(base.glob("*.seen"))
+    trees = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for group in (marks, trees):
+        for old in sorted(group, key=lambda p: p.stat().st_mtime, reverse=True)[CACHE_KEEP:]:
+            if old in keep:
+                continue
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
 
 
 def command(spec_path: Path) -> list[str]:
@@ -356,8 +373,8 @@ def build(spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     cache = spec.get("rootfs_cache")
     try:
         if cache:
-            # The image unpacked once by the enclave process (see rootfs_cache); copying it is ~10x faster
-            # than inflating the ramdisk again, and the enclave still gets its own private tmpfs copy.
+            # The image unpacked by an earlier boot (see rootfs_cache); copying it costs about half of
+            # inflating the ramdisk again, and the enclave still gets its own private tmpfs copy.
             subprocess.run(["cp", "-a", f"{cache}/.", str(work)], check=True, capture_output=True)
         else:
             extract_customer_ramdisks(spec["eif_path"], work, preserve_owner=True)

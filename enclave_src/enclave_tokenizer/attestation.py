@@ -446,9 +446,11 @@ def _as_utc(at: dt.datetime | None) -> dt.datetime:
 
 
 def pcrs_from_measurements(measurements: Mapping[str, Any] | str | Path) -> dict[int, str]:
-    """Expected PCRs from an EIF measurements artifact (``<eif>.measurements.json``) or nitro-cli JSON.
+    """Expected PCRs from an EIF measurements artifact (``<eif>.measurements.json``), nitro-cli JSON, or
+    an enclave run configuration.
 
-    Accepts the parsed object, its JSON text, or a path. Reads ``Measurements.PCR<n>``; at least PCR0.
+    Accepts the parsed object, its JSON text, or a path. Reads ``Measurements.PCR<n>`` (the artifact,
+    nitro-cli) or ``measurements.PCR<n>`` (the run configuration); at least PCR0.
     """
     obj: Any = measurements
     try:
@@ -458,9 +460,9 @@ def pcrs_from_measurements(measurements: Mapping[str, Any] | str | Path) -> dict
             obj = json.loads(measurements)
     except (OSError, ValueError) as exc:
         raise AttestationError("input", f"measurements unreadable: {exc}") from None
-    table = obj.get("Measurements") if isinstance(obj, Mapping) else None
+    table = (obj.get("Measurements") or obj.get("measurements")) if isinstance(obj, Mapping) else None
     if not isinstance(table, Mapping):
-        raise AttestationError("input", "measurements lack a Measurements object")
+        raise AttestationError("input", "measurements lack a Measurements (or run configuration measurements) object")
     pcrs: dict[int, str] = {}
     for key, value in table.items():
         match = re.fullmatch(r"PCR(\d{1,2})", str(key))

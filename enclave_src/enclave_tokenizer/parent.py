@@ -25,7 +25,6 @@ from .client import AsyncClient, CidSource, Client
 
 ENV_PREFIX = "ENCLAVE_TOKENIZER_"
 DEFAULT_CONFIG = "/etc/enclave-tokenizer/gateway.yaml"
-MEASUREMENT_PCRS = {"PCR0": 0, "PCR1": 1, "PCR2": 2, "PCR8": 8}
 
 
 class ConfigError(ValueError):
@@ -185,16 +184,14 @@ def provision_request(config: GatewayConfig) -> dict[str, Any]:
 
 
 def load_measurements(path: str | os.PathLike[str]) -> dict[int, str]:
-    """Expected PCRs from an `<eif>.measurements.json` artifact: {index: lowercase hex}."""
+    """Expected PCRs, {index: lowercase hex}, from an `<eif>.measurements.json` artifact or the enclave's
+    run configuration (its `measurements`)."""
+    from .attestation import AttestationError, pcrs_from_measurements
+
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        measurements = data["Measurements"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"cannot read measurements from {path}: {type(exc).__name__}") from None
-    pcrs = {index: str(measurements[name]).lower() for name, index in MEASUREMENT_PCRS.items() if name in measurements}
-    if 0 not in pcrs:
-        raise ConfigError(f"{path} has no PCR0")
-    return pcrs
+        return pcrs_from_measurements(Path(path))
+    except AttestationError as exc:
+        raise ConfigError(f"cannot read measurements from {path}: {exc.message}") from None
 
 
 def verify_document(document: bytes, nonce: bytes, config: GatewayConfig) -> dict[str, Any]:

@@ -10,8 +10,11 @@ as soon as it has settled, not at the next check. While the enclave answers and 
 check is a vsock connect; nitro-cli is asked every FULL_CHECK_EVERY checks and whenever something
 looks different. Stopping the service terminates the enclave.
 
-The configuration is nitro-cli's `run-enclave --config` JSON. "Matches" is decided by the same
-comparison the nitro_enclave module uses (nitro_module_utils.enclave_spec).
+The configuration is nitro-cli's `run-enclave --config` JSON, plus an optional `measurements` object
+(PCR0/PCR1/PCR2 as the build host recorded them; nitro-cli ignores unknown keys). With it, the
+supervisor launches only an EIF that measures exactly so: until the EIF and the configuration agree
+(a rollout writes one, then the other), the running enclave is left alone. "Matches" is decided by the
+same comparison the nitro_enclave module uses (nitro_module_utils.enclave_spec).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -29,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from nitro_module_utils.eif import EifError, read_eif
-from nitro_module_utils.enclave_spec import differences
+from nitro_module_utils.enclave_spec import differences, unexpected_measurements
 from nitro_module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, vsock_connect
 
 log = logging.getLogger("enclave-supervisor")
@@ -57,6 +61,12 @@ def load_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: missing {', '.join(missing)}")
     if (raw.get("cpu_count") is None) == (raw.get("cpu_ids") is None):
         raise ConfigError(f"{path}: exactly one of cpu_count and cpu_ids must be set")
+    expected = raw.get("measurements") or {}
+    if not isinstance(expected, dict) or not all(
+        key in ("PCR0", "PCR1", "PCR2") and isinstance(value, str) and re.fullmatch(r"[0-9A-Fa-f]{96}", value)
+        for key, value in expected.items()
+    ):
+        raise ConfigError(f"{path}: measurements {expected!r} must map PCR0, PCR1 or PCR2 to 96 hexadecimal characters")
     return {
         "name": str(raw["enclave_name"]),
         "eif_path": str(raw["eif_path"]),
@@ -65,6 +75,7 @@ def load_config(path: Path) -> dict[str, Any]:
         "cpu_ids": None if raw.get("cpu_ids") is None else [int(cpu) for cpu in raw["cpu_ids"]],
         "enclave_cid": None if raw.get("enclave_cid") is None else int(raw["enclave_cid"]),
         "debug_mode": bool(raw.get("debug_mode", False)),
+        "measurements": {key: value.lower() for key, value in expected.items()},
     }
 
 
@@ -94,6 +105,7 @@ class Supervisor:
     _healthy_cid: int | None = None  # CID of the enclave the last full check found matching and answering
     _quick_checks: int = 0
     _checked_inputs: tuple[tuple[int, int, int] | None, ...] | None = None
+    _held: tuple[tuple[int, int, int] | None, ...] | None = None  # inputs last found disagreeing (logged once)
 
     def inputs(self) -> tuple[tuple[int, int, int] | None, ...]:
         """(inode, mtime, size) of the configuration and of the EIF it named at the last check."""
@@ -120,7 +132,8 @@ class Supervisor:
         return self._measured[1]
 
     def check(self) -> str:
-        """One reconciliation. Returns what it did: ok, starting, unhealthy, launched, relaunched, stopping."""
+        """One reconciliation. Returns what it did: ok, starting, unhealthy, launched, relaunched, stopping,
+        or waiting (the EIF is not the image the configuration expects)."""
         if self._quick_check():
             return "ok"
         self._quick_checks = 0
@@ -150,6 +163,16 @@ class Supervisor:
         self._eif_path = spec["eif_path"]
         self._checked_inputs = (config_key, _file_key(self._eif_path))
         measurements = self.measurements(spec["eif_path"], self._checked_inputs[1])
+        unexpected = unexpected_measurements(measurements, spec["measurements"])
+        if unexpected:
+            if self._held != self._checked_inputs:
+                self._held = self._checked_inputs
+                log.warning(
+                    "%s is not the image %s expects (%s): leaving enclave %s as it is until they agree",
+                    spec["eif_path"], self.config_path, "; ".join(unexpected), spec["name"],
+                )  # fmt: skip
+            return "waiting", None
+        self._held = None
         records = self.cli.enclaves_named(spec["name"])
         if len(records) > 1:
             self.terminate(spec["name"], f"{len(records)} enclaves share the name")

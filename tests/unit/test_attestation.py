@@ -574,6 +574,9 @@ def test_pcrs_from_measurements_object_text_and_path(tmp_path: Path) -> None:
     path = tmp_path / "app.eif.measurements.json"
     path.write_text(json.dumps(artifact))
     assert pcrs_from_measurements(path) == expected
+    # The enclave's run configuration carries the same values under `measurements`.
+    run_config = {"eif_path": "/x.eif", "memory_mib": 256, "measurements": artifact["Measurements"]}
+    assert pcrs_from_measurements(run_config) == expected
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from botocore.credentials import Credentials as BotoCredentials
 from enclave_tokenizer import kms, vsock
 from enclave_tokenizer.client import AsyncClient, Client, EnclaveUnavailable, TokenizerError
 from enclave_tokenizer.gateway import serve
-from enclave_tokenizer.parent import GatewayConfig, load_measurements
+from enclave_tokenizer.parent import ConfigError, GatewayConfig, load_measurements
 from enclave_tokenizer.tokens import Tokenizer, capability_digest
 from tokenizer_harness import CAPABILITY, TEST_KEY, RunningServer, running_server
 
@@ -505,3 +505,6 @@ def test_config_load_env_and_measurements(tmp_path: Path, monkeypatch: pytest.Mo
     config = _gateway_config(tmp_path)
     assert config.measurements_file is not None
     assert load_measurements(config.measurements_file) == {i: v.hex() for i, v in PCRS.items()}
+    Path(config.measurements_file).write_text('{"eif_path": "/x.eif"}')
+    with pytest.raises(ConfigError, match=f"cannot read measurements from {config.measurements_file}: .*lack"):
+        load_measurements(config.measurements_file)

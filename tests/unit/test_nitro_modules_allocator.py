@@ -113,7 +113,8 @@ def run(capsys: pytest.CaptureFixture[str], args: dict[str, Any]) -> dict[str, A
 @pytest.mark.parametrize(
     ("drop", "extra", "message"),
     [
-        (("memory_mib",), {}, "missing required arguments: memory_mib"),
+        (("memory_mib",), {}, "one of the following is required: memory_mib, min_memory_mib"),
+        ((), {"min_memory_mib": 256}, "parameters are mutually exclusive: memory_mib|min_memory_mib"),
         (("cpu_count",), {}, "one of the following is required: cpu_count, cpu_pool"),
         ((), {"cpu_pool": "2,6"}, "parameters are mutually exclusive: cpu_count|cpu_pool"),
         ((), {"service_manager": "upstart"}, "value of service_manager must be one of: auto, systemd, command"),
@@ -321,6 +322,23 @@ def test_refuses_while_enclaves_run(capsys: pytest.CaptureFixture[str], env: Env
     assert env.host.enclaves() != []
     # Nothing to restart: no refusal.
     assert run(capsys, env.args())["changed"] is False
+
+
+def test_min_memory_grows_but_never_shrinks(capsys: pytest.CaptureFixture[str], env: Env) -> None:
+    run(capsys, env.args())  # 512 MiB
+    _start_enclave(env)
+    minimum = {k: v for k, v in env.args().items() if k != "memory_mib"}
+    # A smaller need (a smaller EIF) keeps the reservation: no re-sizing, so no refusal while enclaves run.
+    kept = run(capsys, {**minimum, "min_memory_mib": 256, "_ansible_diff": True})
+    assert kept["changed"] is False and kept["config"] == {"memory_mib": 512, "cpu_count": 2}
+    assert "failed" not in kept
+    # A larger one grows it (here the running enclave is terminated to let the allocator re-size).
+    grown = run(capsys, {**minimum, "min_memory_mib": 1024, "terminate_running": True})
+    assert grown["changed"] is True and grown["config"] == {"memory_mib": 1024, "cpu_count": 2}
+    assert parse_allocator_yaml(env.config.read_text()).memory_mib == 1024
+    # No file yet: the minimum is what gets reserved.
+    env.config.unlink()
+    assert run(capsys, {**minimum, "min_memory_mib": 256})["config"] == {"memory_mib": 256, "cpu_count": 2}
 
 
 def test_terminate_running(capsys: pytest.CaptureFixture[str], env: Env) -> None:

@@ -134,6 +134,38 @@ def test_stopping_terminates_and_never_launches(host: FakeHost, eif: Path, tmp_p
     assert host.enclaves() == []
 
 
+def test_only_the_expected_image_is_launched(
+    host: FakeHost, eif: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = {k: v for k, v in make_eif(eif).items() if k in ("PCR0", "PCR1", "PCR2")}
+    new_eif = tmp_path / "new.eif"
+    new = {k: v for k, v in make_eif(new_eif, payload=b"NEW APP").items() if k in ("PCR0", "PCR1", "PCR2")}
+    # Uppercase hex in the configuration is the same measurement.
+    config = write_config(tmp_path / "tok.json", eif, measurements={k: v.upper() for k, v in old.items()})
+    sup = supervisor(config)
+    assert sup.check() == "launched"
+
+    # A rollout writes the EIF first: it is not the image the configuration expects, so the enclave
+    # running the old one is left alone (no terminate, no launch), and that is logged once.
+    new_eif.replace(eif)
+    assert [sup.check(), sup.check()] == ["waiting", "waiting"]
+    assert host.enclaves()[0]["Measurements"]["PCR0"] == old["PCR0"]
+    assert "terminate-enclave" not in host.subcommands()
+    assert sum("is not the image" in r.getMessage() for r in caplog.records) == 1
+    assert "PCR0" in caplog.text
+
+    # Then the configuration: both agree, and the enclave is relaunched on the new image.
+    write_config(config, eif, measurements=new)
+    assert sup.check() == "relaunched"
+    assert host.enclaves()[0]["Measurements"]["PCR0"] == new["PCR0"]
+
+    # A missing enclave is not launched from an EIF the configuration does not expect either.
+    write_config(config, eif, measurements=old)
+    host.state.write_text(json.dumps({"enclaves": [], "next": 9}))
+    assert sup.check() == "waiting"
+    assert host.enclaves() == []
+
+
 def test_bad_configurations_name_the_problem(tmp_path: Path, eif: Path) -> None:
     with pytest.raises(ConfigError, match="exactly one of cpu_count and cpu_ids"):
         load_config(write_config(tmp_path / "a.json", eif, cpu_ids=[1]))
@@ -142,6 +174,9 @@ def test_bad_configurations_name_the_problem(tmp_path: Path, eif: Path) -> None:
     (tmp_path / "c.json").write_text("[1]")
     with pytest.raises(ConfigError, match="expected a JSON object"):
         load_config(tmp_path / "c.json")
+    for bad in ({"PCR0": "ab"}, {"PCR9": "a" * 96}, ["PCR0"]):
+        with pytest.raises(ConfigError, match=r"measurements .* must map PCR0, PCR1 or PCR2 to 96 hex"):
+            load_config(write_config(tmp_path / "d.json", eif, measurements=bad))
 
 
 def test_between_checks_a_settled_change_ends_the_wait(
