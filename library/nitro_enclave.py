@@ -1,16 +1,19 @@
 #!/usr/bin/python
 # Copyright: the nitro-enclaves-ansible authors
 # Apache License 2.0 (see pyproject.toml)
-"""Ansible module: run, relaunch or terminate a named Nitro enclave."""
+"""Ansible module: run, relaunch or terminate a named Nitro enclave, or write its run configuration."""
 
 from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
 module: nitro_enclave
-short_description: Run, relaunch or terminate a named AWS Nitro enclave
+short_description: Run, relaunch or terminate a named AWS Nitro enclave, or write its run configuration
 description:
   - Ensures an enclave identified by O(name) runs a given EIF with given resources, or is gone.
+  - With O(state=configured) it only writes the enclave's run configuration to O(config_path), for a supervisor
+    (C(enclave-supervisor), role nitro_enclave) to apply. That is nitro-cli's C(run-enclave --config) JSON plus
+    the O(measurements) the EIF must have; nitro-cli ignores that key.
   - Idempotence compares what matters. The enclave of that name is left alone when it is C(RUNNING) with the
     same PCR0, PCR1 and PCR2 as O(eif_path) (measured locally, no nitro-cli needed for that), the same CPU count or
     CPU ids, the same memory, the same CID (when O(enclave_cid) is set) and the same debug flag. Anything different
@@ -32,12 +35,28 @@ options:
     description:
       - V(running) launches the enclave unless an identical one runs. V(restarted) always terminates and launches
         again. V(absent) terminates every enclave with that name.
+      - V(configured) writes the run configuration to O(config_path) (atomically, with check and diff mode) and
+        calls no nitro-cli. The EIF is not read, only its size checked against O(memory_mib).
     type: str
-    choices: [running, absent, restarted]
+    choices: [running, absent, restarted, configured]
     default: running
   eif_path:
-    description: The enclave image file. Required with O(state=running) and O(state=restarted).
+    description: The enclave image file. Required unless O(state=absent).
     type: path
+  measurements:
+    description:
+      - The PCR0, PCR1 and PCR2 (hex) the EIF must measure, as recorded when it was built (O(nitro_eif) returns
+        them); other keys are ignored.
+      - With O(state=running) or O(state=restarted) an EIF that measures differently is refused before any
+        enclave is touched. With O(state=configured) they are written into the configuration.
+    type: dict
+  config_path:
+    description: The run configuration file to write. Required with O(state=configured); its directory must exist.
+    type: path
+  backup:
+    description: With O(state=configured), keep a timestamped copy of the previous configuration when it changes.
+    type: bool
+    default: false
   cpu_count:
     description:
       - Number of vCPUs (full cores; the allocator pool must hold them). Mutually exclusive with O(cpu_ids).
@@ -48,8 +67,7 @@ options:
     elements: int
   memory_mib:
     description:
-      - Enclave memory in MiB. At least 64 and at least 4 times the EIF file size. Required with O(state=running)
-        and O(state=restarted).
+      - Enclave memory in MiB. At least 64 and at least 4 times the EIF file size. Required unless O(state=absent).
       - nitro-cli may round the reported memory up to the hugepage size (2 MiB); that rounding is not a change.
     type: int
   enclave_cid:
@@ -129,6 +147,18 @@ EXAMPLES = r"""
   nitro_enclave:
     name: tokenizer
     state: absent
+
+- name: Configure it for enclave-supervisor, which launches only the EIF with these measurements
+  nitro_enclave:
+    name: tokenizer
+    state: configured
+    config_path: /etc/nitro_enclaves/enclaves/tokenizer.json
+    eif_path: /opt/enclaves/tokenizer.eif
+    cpu_count: 2
+    memory_mib: 1024
+    enclave_cid: 16
+    measurements: "{{ eif.measurements }}"
+    backup: true
 """
 
 RETURN = r"""
@@ -151,8 +181,18 @@ enclave:
     Measurements: {HashAlgorithm: "Sha384 { ... }", PCR0: "...", PCR1: "...", PCR2: "..."}
 measurements:
   description: The measurements of O(eif_path) computed locally.
-  returned: when O(eif_path) is given
+  returned: when O(state=running) or O(state=restarted)
   type: dict
+config:
+  description: The run configuration written (or that would be written in check mode).
+  returned: when O(state=configured)
+  type: dict
+  sample: {"enclave_name": "tokenizer", "eif_path": "/opt/enclaves/tokenizer.eif", "memory_mib": 1024,
+           "cpu_count": 2, "cpu_ids": null, "enclave_cid": 16, "debug_mode": false, "measurements": {"PCR0": "..."}}
+backup_file:
+  description: The copy of the previous configuration.
+  returned: when O(state=configured), O(backup=true) and the file changed
+  type: str
 actions:
   description: What the module did (or would do in check mode), in order.
   returned: always
@@ -170,12 +210,23 @@ waited:
   type: float
 """
 
+import json
+import os
 import re
+import tempfile
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.eif import EifError, read_eif
-from ansible.module_utils.enclave_spec import MIN_MEMORY_MIB, differences, min_memory_mib, summary, wanted
+from ansible.module_utils.enclave_spec import (
+    MIN_MEMORY_MIB,
+    differences,
+    min_memory_mib,
+    render_run_config,
+    summary,
+    unexpected_measurements,
+    wanted,
+)
 from ansible.module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, wait_for_vsock
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -225,20 +276,70 @@ def check_arguments(module: AnsibleModule) -> None:
             module.fail_json(msg=f"wait_for.timeout {wait['timeout']} must not be negative")
 
 
+def expected_measurements(module: AnsibleModule) -> dict[str, str]:
+    """The measurements option, PCR0-2 only; fails naming a bad value."""
+    given = module.params["measurements"] or {}
+    expected = {pcr: str(value) for pcr, value in given.items() if pcr in ("PCR0", "PCR1", "PCR2")}
+    bad = [pcr for pcr, value in expected.items() if not re.fullmatch(r"[0-9A-Fa-f]{96}", value)]
+    if bad:
+        module.fail_json(msg=f"measurements {', '.join(bad)}: expected 96 hexadecimal characters (a SHA-384)")
+    return expected
+
+
+def check_memory(module: AnsibleModule, eif_size: int) -> None:
+    # nitro-cli's E26 rule, checked here so the message names the option.
+    minimum = min_memory_mib(eif_size)
+    if module.params["memory_mib"] < minimum:
+        module.fail_json(
+            msg=f"memory_mib {module.params['memory_mib']} is too small for {module.params['eif_path']}: an enclave "
+            f"needs at least 4 times the EIF size, {minimum} MiB"
+        )
+
+
 def measure(module: AnsibleModule) -> dict[str, str]:
     path = module.params["eif_path"]
     try:
         image = read_eif(path)
     except EifError as exc:
         module.fail_json(msg=f"eif_path {path}: {exc}")
-    # nitro-cli's E26 rule, checked here so the message names the option.
-    minimum = min_memory_mib(image.file_size)
-    if module.params["memory_mib"] < minimum:
-        module.fail_json(
-            msg=f"memory_mib {module.params['memory_mib']} is too small for {path}: an enclave needs at least 4 times "
-            f"the EIF size, {minimum} MiB"
-        )
+    check_memory(module, image.file_size)
+    unexpected = unexpected_measurements(image.measurements, expected_measurements(module))
+    if unexpected:
+        module.fail_json(msg=f"eif_path {path} is not the expected image: {'; '.join(unexpected)}")
     return image.measurements
+
+
+def configure(module: AnsibleModule) -> None:
+    """state=configured: write the run configuration atomically (check/diff mode, backup); no nitro-cli."""
+    params = module.params
+    path = params["config_path"]
+    try:
+        check_memory(module, os.stat(params["eif_path"]).st_size)
+    except OSError as exc:
+        module.fail_json(msg=f"eif_path {params['eif_path']}: {exc.strerror}")
+    text = render_run_config(params, expected_measurements(module))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            before: str | None = handle.read()
+    except FileNotFoundError:
+        before = None
+    except OSError as exc:
+        module.fail_json(msg=f"config_path {path}: cannot read it: {exc.strerror}")
+    result: dict[str, Any] = {"changed": before != text, "config": json.loads(text), "path": path}
+    if result["changed"] and module._diff:
+        result["diff"] = {"before": before or "", "after": text, "before_header": path, "after_header": path}
+    if result["changed"] and not module.check_mode:
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
+            module.fail_json(msg=f"config_path {path}: the directory {directory} does not exist")
+        if params["backup"] and before is not None:
+            result["backup_file"] = module.backup_local(path)
+        handle, tmp = tempfile.mkstemp(prefix=".nitro_enclave-", dir=directory)
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(tmp, 0o644)
+        module.atomic_move(tmp, path)
+    module.exit_json(**result)
 
 
 def fail_cli(module: AnsibleModule, what: str, exc: NitroCliError, **extra: Any) -> None:
@@ -249,8 +350,11 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(
             name=dict(type="str", required=True),
-            state=dict(type="str", default="running", choices=["running", "absent", "restarted"]),
+            state=dict(type="str", default="running", choices=["running", "absent", "restarted", "configured"]),
             eif_path=dict(type="path"),
+            measurements=dict(type="dict"),
+            config_path=dict(type="path"),
+            backup=dict(type="bool", default=False),
             cpu_count=dict(type="int"),
             cpu_ids=dict(type="list", elements="int"),
             memory_mib=dict(type="int"),
@@ -272,12 +376,16 @@ def main() -> None:
             ("state", "running", ("cpu_count", "cpu_ids"), True),
             ("state", "restarted", ("eif_path", "memory_mib")),
             ("state", "restarted", ("cpu_count", "cpu_ids"), True),
+            ("state", "configured", ("eif_path", "memory_mib", "config_path")),
+            ("state", "configured", ("cpu_count", "cpu_ids"), True),
         ],
         supports_check_mode=True,
     )
     check_arguments(module)
     params = module.params
     state = params["state"]
+    if state == "configured":
+        configure(module)
     result: dict[str, Any] = {"changed": False, "enclave": {}, "actions": [], "terminated": []}
     measurements: dict[str, str] = {}
     if state != "absent":

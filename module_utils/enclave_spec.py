@@ -7,7 +7,9 @@ debug_mode; measurements are the EIF's PCR0/PCR1/PCR2 (lowercase hex).
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any
 
 # The Nitro driver's smallest enclave (nitro-cli reports it as E29).
@@ -60,6 +62,58 @@ def unexpected_measurements(measurements: dict[str, str], expected: dict[str, st
         for pcr, value in sorted(expected.items())
         if measurements.get(pcr, "").lower() != value.lower()
     ]
+
+
+# The run configuration: nitro-cli's `run-enclave --config` JSON (it ignores unknown keys) plus the PCRs
+# the EIF must measure. Written by the nitro_enclave module (state=configured), applied by enclave-supervisor.
+RUN_CONFIG_PCRS = ("PCR0", "PCR1", "PCR2")
+_HEX_PCR = re.compile(r"[0-9A-Fa-f]{96}")
+
+
+def render_run_config(params: dict[str, Any], measurements: dict[str, str]) -> str:
+    """The run configuration of a spec (module option names), as JSON text with sorted keys."""
+    config = {
+        "enclave_name": params["name"],
+        "eif_path": params["eif_path"],
+        "memory_mib": params["memory_mib"],
+        "cpu_count": params["cpu_count"] if params["cpu_ids"] is None else None,
+        "cpu_ids": params["cpu_ids"],
+        "enclave_cid": params["enclave_cid"],
+        "debug_mode": bool(params["debug_mode"]),
+        "measurements": {pcr: value.lower() for pcr, value in measurements.items() if pcr in RUN_CONFIG_PCRS},
+    }
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def parse_run_config(text: str) -> dict[str, Any]:
+    """A run configuration as a spec (module option names, plus `measurements`); ValueError names the problem."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("expected a JSON object")
+    missing = [key for key in ("eif_path", "memory_mib", "enclave_name") if raw.get(key) in (None, "")]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    if (raw.get("cpu_count") is None) == (raw.get("cpu_ids") is None):
+        raise ValueError("exactly one of cpu_count and cpu_ids must be set")
+    expected = raw.get("measurements") or {}
+    if not isinstance(expected, dict) or not all(
+        key in RUN_CONFIG_PCRS and isinstance(value, str) and _HEX_PCR.fullmatch(value)
+        for key, value in expected.items()
+    ):
+        raise ValueError(f"measurements {expected!r} must map PCR0, PCR1 or PCR2 to 96 hexadecimal characters")
+    return {
+        "name": str(raw["enclave_name"]),
+        "eif_path": str(raw["eif_path"]),
+        "memory_mib": int(raw["memory_mib"]),
+        "cpu_count": None if raw.get("cpu_count") is None else int(raw["cpu_count"]),
+        "cpu_ids": None if raw.get("cpu_ids") is None else [int(cpu) for cpu in raw["cpu_ids"]],
+        "enclave_cid": None if raw.get("enclave_cid") is None else int(raw["enclave_cid"]),
+        "debug_mode": bool(raw.get("debug_mode", False)),
+        "measurements": {key: value.lower() for key, value in expected.items()},
+    }
 
 
 def summary(record: dict[str, Any] | None) -> dict[str, Any]:

@@ -20,9 +20,7 @@ same comparison the nitro_enclave module uses (nitro_module_utils.enclave_spec).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import re
 import signal
 import sys
 import threading
@@ -33,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from nitro_module_utils.eif import EifError, read_eif
-from nitro_module_utils.enclave_spec import differences, unexpected_measurements
+from nitro_module_utils.enclave_spec import differences, parse_run_config, unexpected_measurements
 from nitro_module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, vsock_connect
 
 log = logging.getLogger("enclave-supervisor")
@@ -49,34 +47,11 @@ class ConfigError(Exception):
 
 
 def load_config(path: Path) -> dict[str, Any]:
-    """Reads a run-enclave --config file and returns it as nitro_enclave module parameters."""
+    """Reads a run configuration and returns it as nitro_enclave module parameters (plus measurements)."""
     try:
-        raw = json.loads(path.read_text())
+        return parse_run_config(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    missing = [key for key in ("eif_path", "memory_mib", "enclave_name") if raw.get(key) in (None, "")]
-    if missing:
-        raise ConfigError(f"{path}: missing {', '.join(missing)}")
-    if (raw.get("cpu_count") is None) == (raw.get("cpu_ids") is None):
-        raise ConfigError(f"{path}: exactly one of cpu_count and cpu_ids must be set")
-    expected = raw.get("measurements") or {}
-    if not isinstance(expected, dict) or not all(
-        key in ("PCR0", "PCR1", "PCR2") and isinstance(value, str) and re.fullmatch(r"[0-9A-Fa-f]{96}", value)
-        for key, value in expected.items()
-    ):
-        raise ConfigError(f"{path}: measurements {expected!r} must map PCR0, PCR1 or PCR2 to 96 hexadecimal characters")
-    return {
-        "name": str(raw["enclave_name"]),
-        "eif_path": str(raw["eif_path"]),
-        "memory_mib": int(raw["memory_mib"]),
-        "cpu_count": None if raw.get("cpu_count") is None else int(raw["cpu_count"]),
-        "cpu_ids": None if raw.get("cpu_ids") is None else [int(cpu) for cpu in raw["cpu_ids"]],
-        "enclave_cid": None if raw.get("enclave_cid") is None else int(raw["enclave_cid"]),
-        "debug_mode": bool(raw.get("debug_mode", False)),
-        "measurements": {key: value.lower() for key, value in expected.items()},
-    }
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _file_key(path: Path | str | None) -> tuple[int, int, int] | None:

@@ -58,11 +58,15 @@ def base(eif: Path, **extra: Any) -> dict[str, Any]:
         ),
         (
             {"name": "tok", "state": "stopped"},
-            "value of state must be one of: running, absent, restarted, got: stopped",
+            "value of state must be one of: running, absent, restarted, configured, got: stopped",
         ),
         ({"name": "tok", "state": "absent", "memory_mib": "lots"}, "memory_mib"),
         ({"name": "tok", "state": "absent", "wait_for": {"timeout": 3}}, "missing required arguments: port"),
         ({"name": "tok", "state": "absent", "bogus": 1}, "Unsupported parameters for"),
+        (
+            {"name": "tok", "state": "configured", "eif_path": "/x.eif", "memory_mib": 256, "cpu_count": 1},
+            "state is configured but all of the following are missing: config_path",
+        ),
     ],
 )
 def test_argument_spec_rules(capsys: pytest.CaptureFixture[str], args: dict[str, Any], message: str) -> None:
@@ -85,6 +89,7 @@ def test_argument_spec_rules(capsys: pytest.CaptureFixture[str], args: dict[str,
         ({"enclave_cid": 2**32 - 1}, "use 4 to 4294967294"),
         ({"wait_for": {"port": 0}}, "wait_for.port 0 is not a vsock port"),
         ({"wait_for": {"port": 5000, "timeout": -1}}, "wait_for.timeout -1 must not be negative"),
+        ({"measurements": {"PCR0": "abc"}}, "measurements PCR0: expected 96 hexadecimal characters"),
     ],
 )
 def test_value_rules(
@@ -290,3 +295,82 @@ def test_duplicate_names_keep_one(capsys: pytest.CaptureFixture[str], host: Fake
     assert "duplicate name" in result["actions"][0]
     assert "run-enclave" not in host.subcommands()[-3:]
     assert [e["EnclaveID"] for e in host.enclaves()] == [first["EnclaveID"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# expected measurements and state=configured (the run configuration enclave-supervisor applies)
+
+
+def pcrs(eif: Path) -> dict[str, str]:
+    from nitro_module_utils.eif import read_eif
+
+    return read_eif(eif).measurements
+
+
+def test_an_eif_other_than_expected_is_refused(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, eif: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.eif"
+    make_eif(other, b"APP-2")
+    result = run(capsys, **base(eif, measurements=pcrs(other)))
+    assert result["failed"] is True
+    assert f"eif_path {eif} is not the expected image: PCR0 " in result["msg"]
+    assert host.enclaves() == []
+    # Matching measurements (any case, extra keys such as HashAlgorithm ignored) launch as usual.
+    good = {k: v.upper() for k, v in pcrs(eif).items()}
+    assert run(capsys, **base(eif, measurements=good))["changed"] is True
+
+
+def test_configured_writes_the_run_configuration(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, eif: Path, tmp_path: Path
+) -> None:
+    from enclave_tokenizer.supervisor import load_config
+
+    path = tmp_path / "enclaves" / "tok.json"
+    path.parent.mkdir()
+    args = base(eif, state="configured", config_path=str(path), enclave_cid=16, measurements=pcrs(eif), backup=True)
+
+    checked = run(capsys, **args, _ansible_check_mode=True, _ansible_diff=True)
+    assert checked["changed"] is True and checked["diff"]["before"] == "" and not path.exists()
+
+    first = run(capsys, **args, _ansible_diff=True)
+    assert first["changed"] is True and "backup_file" not in first
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert first["config"] == json.loads(path.read_text()) == json.loads(first["diff"]["after"])
+    # What the supervisor reads back is what the module was given.
+    spec = load_config(path)
+    assert (spec["name"], spec["eif_path"], spec["memory_mib"], spec["cpu_count"], spec["enclave_cid"]) == (
+        "tok", str(eif), 256, 2, 16,
+    )  # fmt: skip
+    expected = {k: v for k, v in pcrs(eif).items() if k in ("PCR0", "PCR1", "PCR2")}
+    assert spec["measurements"] == expected
+    assert host.calls() == []  # no nitro-cli
+
+    assert run(capsys, **args)["changed"] is False
+
+    changed = run(capsys, **{**args, "memory_mib": 512}, _ansible_diff=True)
+    assert changed["changed"] is True
+    assert '"memory_mib": 256' in changed["diff"]["before"] and '"memory_mib": 512' in changed["diff"]["after"]
+    assert json.loads(Path(changed["backup_file"]).read_text())["memory_mib"] == 256
+    assert load_config(path)["memory_mib"] == 512
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"memory_mib": 64, "size_pad": 20 << 20}, "memory_mib 64 is too small for"),
+        ({"eif_path": "/nonexistent.eif"}, "eif_path /nonexistent.eif: No such file or directory"),
+        ({"config_path": "/nonexistent-dir/tok.json"}, "the directory /nonexistent-dir does not exist"),
+        ({"debug_mode": True}, "debug_mode: true refused"),
+    ],
+)
+def test_configured_refuses_bad_input(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, tmp_path: Path, extra: dict[str, Any], message: str
+) -> None:
+    eif = tmp_path / "big.eif"
+    make_eif(eif, b"APP", size_pad=extra.pop("size_pad", 0))
+    args = {**base(eif, state="configured", config_path=str(tmp_path / "tok.json")), **extra}
+    result = run(capsys, **args)
+    assert result["failed"] is True
+    assert message in result["msg"]
+    assert not (tmp_path / "tok.json").exists()
