@@ -5,12 +5,13 @@
                          X-Detokenize-Capability header (or "capability" in the body)
     GET  /healthz        200 only when the enclave is RUNNING, its key is provisioned and the app
                          answers; ?attest=1 also verifies a fresh attestation document (nonce) against
-                         the EIF's measurements artifact; ?wait=S (at most 300) holds the answer until
+                         the expected measurements; ?wait=S (at most 300) holds the answer until
                          the report is healthy or S seconds passed (one request per rollout gate).
 
 A monitor task polls the enclave; when it answers but is unprovisioned (first start, or a restart:
 its memory and key are gone) the gateway provisions it again. Requests are multiplexed over a pool of
-persistent vsock connections. Request bodies are never logged.
+persistent vsock connections. Request bodies are never logged. When the tools are upgraded the
+gateway finishes its requests and re-executes itself (see .upgrade).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from aiohttp import web
 from . import parent
 from .client import AsyncClient, EnclaveUnavailable, TokenizerError
 from .parent import ConfigError, GatewayConfig
+from .upgrade import UpgradeWatch, default_stamp, reexec
 
 log = logging.getLogger("enclave_tokenizer.gateway")
 
@@ -49,6 +51,7 @@ _DESCRIBE_TTL = 2.0
 _MAX_HEALTH_WAIT_S = 300.0
 _HEALTH_WAIT_STEP_S = 0.5
 _MAX_BACKOFF = 60.0
+_UPGRADE_CHECK_S = 5.0
 
 
 def _error(code: str, message: str, status: int | None = None) -> web.Response:
@@ -290,8 +293,14 @@ def _notify_systemd(message: str) -> None:
         sock.sendto(message.encode(), address)
 
 
-async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, signals: bool = False) -> None:
-    """Run until cancelled (tests) or, with ``signals``, until SIGTERM/SIGINT (service)."""
+async def serve(
+    config: GatewayConfig,
+    ready: asyncio.Event | None = None,
+    signals: bool = False,
+    upgrade: UpgradeWatch | None = None,
+) -> bool:
+    """Run until cancelled (tests) or, with ``signals``, until SIGTERM/SIGINT (service). With ``upgrade``,
+    also stop (after the in-flight requests) once the tools were upgraded: returns True then."""
     runner = web.AppRunner(Gateway(config).app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024)
@@ -304,10 +313,21 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, signa
     if signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    watcher = asyncio.get_running_loop().create_task(_watch_upgrade(upgrade, stop)) if upgrade else None
     try:
         await stop.wait()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await runner.cleanup()
+    return bool(upgrade and upgrade.changed())
+
+
+async def _watch_upgrade(upgrade: UpgradeWatch, stop: asyncio.Event) -> None:
+    while not upgrade.changed():
+        await asyncio.sleep(_UPGRADE_CHECK_S)
+    log.info("%s changed (tools upgraded): re-executing", upgrade.path)
+    stop.set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.exit(2, f"enclave-tokenizer gateway: {exc}\n")
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(config, signals=True))
+    if asyncio.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp()))):
+        reexec()
     return 0
 
 

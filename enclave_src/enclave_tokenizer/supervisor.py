@@ -15,6 +15,10 @@ The configuration is nitro-cli's `run-enclave --config` JSON, plus an optional `
 supervisor launches only an EIF that measures exactly so: until the EIF and the configuration agree
 (a rollout writes one, then the other), the running enclave is left alone. "Matches" is decided by the
 same comparison the nitro_enclave module uses (nitro_module_utils.enclave_spec).
+
+An upgrade of the tools (the nitro_cli role re-installs the venv and rewrites its install record) makes
+the supervisor re-execute itself between checks: the new code takes over and adopts the running enclave,
+with no relaunch. Stopping the service is the only thing that terminates the enclave.
 """
 
 from __future__ import annotations
@@ -34,12 +38,15 @@ from nitro_module_utils.eif import EifError, read_eif
 from nitro_module_utils.enclave_spec import differences, parse_run_config, unexpected_measurements
 from nitro_module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, vsock_connect
 
+from .upgrade import INSTALL_RECORD, UpgradeWatch, default_stamp, file_key, reexec
+
 log = logging.getLogger("enclave-supervisor")
 
 WATCH_STEP_S = 1.0  # how often the configuration and the EIF are stat()ed between checks
 # A healthy enclave with unchanged inputs is confirmed by its vsock port alone; every Nth check still
 # asks nitro-cli (describe-enclaves is a process per call, on every host, every interval).
 FULL_CHECK_EVERY = 6
+REEXEC = -1  # run()'s answer when the tools were upgraded under it (see .upgrade)
 
 
 class ConfigError(Exception):
@@ -54,15 +61,6 @@ def load_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _file_key(path: Path | str | None) -> tuple[int, int, int] | None:
-    """Identity of a file's content for change detection; None when it is missing."""
-    try:
-        stat = Path(path).stat() if path else None
-    except OSError:
-        return None
-    return None if stat is None else (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-
-
 @dataclass
 class Supervisor:
     config_path: Path
@@ -73,6 +71,8 @@ class Supervisor:
     # Set when the service stops: no launch may start after that (systemd has already signalled the
     # enclave; a relaunch now would outlive the service).
     stopping: threading.Event = field(default_factory=threading.Event)
+    # The tools' install record: run() hands over to a re-executed process when it changes.
+    upgrade: UpgradeWatch = field(default_factory=lambda: UpgradeWatch(None))
     _failures: int = 0
     _launched_at: float = 0.0
     _measured: tuple[tuple[str, tuple[int, int, int] | None], dict[str, str]] | None = None
@@ -83,8 +83,9 @@ class Supervisor:
     _held: tuple[tuple[int, int, int] | None, ...] | None = None  # inputs last found disagreeing (logged once)
 
     def inputs(self) -> tuple[tuple[int, int, int] | None, ...]:
-        """(inode, mtime, size) of the configuration and of the EIF it named at the last check."""
-        return _file_key(self.config_path), _file_key(self._eif_path)
+        """(inode, mtime, size) of the configuration, of the EIF it named at the last check and of the
+        upgrade stamp."""
+        return file_key(self.config_path), file_key(self._eif_path), self.upgrade.key()
 
     def wait_for_next_check(self, seconds: float) -> None:
         """Sleeps until the next check is due, or until the configuration or the EIF changed and then
@@ -133,10 +134,10 @@ class Supervisor:
 
     def _full_check(self) -> tuple[str, int | None]:
         # Stat before reading: a change made while this check runs is seen by the next watch step.
-        config_key = _file_key(self.config_path)
+        config_key = file_key(self.config_path)
         spec = load_config(self.config_path)
         self._eif_path = spec["eif_path"]
-        self._checked_inputs = (config_key, _file_key(self._eif_path))
+        self._checked_inputs = (config_key, file_key(self._eif_path), self.upgrade.key())
         measurements = self.measurements(spec["eif_path"], self._checked_inputs[1])
         unexpected = unexpected_measurements(measurements, spec["measurements"])
         if unexpected:
@@ -225,9 +226,14 @@ class Supervisor:
 
 
 def run(supervisor: Supervisor, interval: float) -> int:
+    """Checks until the service stops (then terminates the enclave and returns 0 or 1) or the tools
+    are upgraded (returns REEXEC, leaving the enclave running)."""
     stop = supervisor.stopping
     backoff = interval
     while not stop.is_set():
+        if supervisor.upgrade.changed():
+            log.info("%s changed (tools upgraded): re-executing; the enclave keeps running", supervisor.upgrade.path)
+            return REEXEC
         try:
             supervisor.check()
             backoff = interval
@@ -255,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--failures", type=int, default=3, help="failed health checks before a relaunch (default 3)")
     parser.add_argument("--startup-grace", type=float, default=60.0, help="seconds a new enclave may take to answer")
     parser.add_argument("--nitro-cli", help="nitro-cli binary (default: nitro-cli on PATH)")
+    parser.add_argument(
+        "--upgrade-stamp",
+        type=Path,
+        default=default_stamp(),
+        help=f"re-execute (keeping the enclave) when this file changes (default: <venv>/{INSTALL_RECORD})",
+    )
     return parser
 
 
@@ -267,10 +279,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         failures_allowed=args.failures,
         startup_grace=args.startup_grace,
         cli=NitroCli(args.nitro_cli),
+        upgrade=UpgradeWatch(args.upgrade_stamp),
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: supervisor.stopping.set())
-    return run(supervisor, args.interval)
+    code = run(supervisor, args.interval)
+    if code == REEXEC:
+        reexec()  # the new code adopts the enclave
+    return code
 
 
 if __name__ == "__main__":

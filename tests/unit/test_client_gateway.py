@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -25,11 +26,13 @@ import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as BotoCredentials
-from enclave_tokenizer import kms, vsock
+from enclave_tokenizer import gateway as gateway_module
+from enclave_tokenizer import kms, upgrade, vsock
 from enclave_tokenizer.client import AsyncClient, Client, EnclaveUnavailable, TokenizerError
 from enclave_tokenizer.gateway import serve
 from enclave_tokenizer.parent import ConfigError, GatewayConfig, load_measurements
 from enclave_tokenizer.tokens import Tokenizer, capability_digest
+from enclave_tokenizer.upgrade import UpgradeWatch
 from tokenizer_harness import CAPABILITY, TEST_KEY, RunningServer, running_server
 
 from tests.conftest import VENV_BIN, attested_key_policy, free_port, wait_for_port
@@ -508,3 +511,41 @@ def test_config_load_env_and_measurements(tmp_path: Path, monkeypatch: pytest.Mo
     Path(config.measurements_file).write_text('{"eif_path": "/x.eif"}')
     with pytest.raises(ConfigError, match=f"cannot read measurements from {config.measurements_file}: .*lack"):
         load_measurements(config.measurements_file)
+
+
+def test_gateway_hands_over_after_a_tools_upgrade(
+    tmp_path: Path, vsock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway_module, "_UPGRADE_CHECK_S", 0.05)
+    record = tmp_path / ".wheelhouse.sha256"
+    record.write_text("old\n")
+    config = _gateway_config(tmp_path)
+
+    async def main() -> tuple[int, bool]:
+        ready = asyncio.Event()
+        serving = asyncio.create_task(serve(config, ready, upgrade=UpgradeWatch(record)))
+        await ready.wait()
+        await asyncio.sleep(0.2)
+        assert not serving.done()  # unchanged tools: it keeps serving
+        _, writer = await asyncio.open_connection("127.0.0.1", config.listen_port)
+        writer.close()
+        record.write_text("new, longer\n")
+        return config.listen_port, await asyncio.wait_for(serving, 10)
+
+    port, upgraded = asyncio.run(main())
+    assert upgraded is True
+    with pytest.raises(OSError):  # the listener is closed before the re-exec
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+    # main() re-executes when serve() reports an upgrade.
+    execs: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(upgrade.os, "execv", lambda path, argv: execs.append((path, argv)))
+
+    async def upgraded_serve(*_: Any, **__: Any) -> bool:
+        return True
+
+    monkeypatch.setattr(gateway_module, "serve", upgraded_serve)
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text("enclave_cid: 16\n")
+    gateway_module.main(["--config", str(config_file)])
+    assert len(execs) == 1

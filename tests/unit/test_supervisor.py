@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from enclave_tokenizer.supervisor import FULL_CHECK_EVERY, ConfigError, Supervisor, load_config, run
+from enclave_tokenizer import supervisor as supervisor_module
+from enclave_tokenizer import upgrade
+from enclave_tokenizer.supervisor import FULL_CHECK_EVERY, REEXEC, ConfigError, Supervisor, load_config, run
+from enclave_tokenizer.upgrade import UpgradeWatch
 from nitro_fakes import FakeHost, make_eif
 from nitro_module_utils.nitro_cli import NitroCli
 
@@ -164,6 +168,45 @@ def test_only_the_expected_image_is_launched(
     host.state.write_text(json.dumps({"enclaves": [], "next": 9}))
     assert sup.check() == "waiting"
     assert host.enclaves() == []
+
+
+def test_a_tools_upgrade_re_executes_and_keeps_the_enclave(
+    host: FakeHost, eif: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("enclave_tokenizer.supervisor.WATCH_STEP_S", 0.02)
+    stamp = tmp_path / "venv" / ".wheelhouse.sha256"
+    stamp.parent.mkdir()
+    stamp.write_text("old\n")
+    config = write_config(tmp_path / "tok.json", eif)
+    sup = Supervisor(config_path=config, health_port=None, cli=NitroCli(), upgrade=UpgradeWatch(stamp))
+    assert sup.check() == "launched"
+    enclave = host.enclaves()[0]["EnclaveID"]
+
+    # install-tools.sh writes the record elsewhere and renames it over the old one once pip is done.
+    new = stamp.with_name("record.tmp")
+    new.write_text("new\n")
+    threading.Timer(0.1, new.replace, args=(stamp,)).start()
+    assert run(sup, interval=60) == REEXEC
+    assert [r["EnclaveID"] for r in host.enclaves()] == [enclave]  # not terminated
+    assert "terminate-enclave" not in host.subcommands()
+
+    # The new process (same command line, same PID) adopts the running enclave.
+    after = Supervisor(config_path=config, health_port=None, cli=NitroCli(), upgrade=UpgradeWatch(stamp))
+    assert after.check() == "ok" and not after.upgrade.changed()
+    assert host.subcommands().count("run-enclave") == 1
+
+
+def test_main_re_executes_itself_with_its_own_command_line(
+    tmp_path: Path, eif: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    execs: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(supervisor_module, "run", lambda *_: REEXEC)
+    monkeypatch.setattr(upgrade.os, "execv", lambda path, argv: execs.append((path, argv)))
+    monkeypatch.setattr(supervisor_module.signal, "signal", lambda *_: None)  # keep pytest's handlers
+    supervisor_module.main(["--config", str(write_config(tmp_path / "tok.json", eif))])
+    assert execs == [(sys.executable, sys.orig_argv)]
+    parser = supervisor_module.build_parser()
+    assert parser.parse_args(["--config", "x", "--upgrade-stamp", "/s"]).upgrade_stamp == Path("/s")
 
 
 def test_bad_configurations_name_the_problem(tmp_path: Path, eif: Path) -> None:
