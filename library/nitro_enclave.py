@@ -220,7 +220,9 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.eif import EifError, read_eif
 from ansible.module_utils.enclave_spec import (
     MIN_MEMORY_MIB,
+    RUN_CONFIG_PCRS,
     differences,
+    invalid_pcrs,
     min_memory_mib,
     render_run_config,
     summary,
@@ -279,8 +281,8 @@ def check_arguments(module: AnsibleModule) -> None:
 def expected_measurements(module: AnsibleModule) -> dict[str, str]:
     """The measurements option, PCR0-2 only; fails naming a bad value."""
     given = module.params["measurements"] or {}
-    expected = {pcr: str(value) for pcr, value in given.items() if pcr in ("PCR0", "PCR1", "PCR2")}
-    bad = [pcr for pcr, value in expected.items() if not re.fullmatch(r"[0-9A-Fa-f]{96}", value)]
+    expected = {pcr: str(value) for pcr, value in given.items() if pcr in RUN_CONFIG_PCRS}
+    bad = invalid_pcrs(expected)
     if bad:
         module.fail_json(msg=f"measurements {', '.join(bad)}: expected 96 hexadecimal characters (a SHA-384)")
     return expected

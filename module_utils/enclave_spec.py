@@ -70,6 +70,11 @@ RUN_CONFIG_PCRS = ("PCR0", "PCR1", "PCR2")
 _HEX_PCR = re.compile(r"[0-9A-Fa-f]{96}")
 
 
+def invalid_pcrs(values: dict[str, Any]) -> list[str]:
+    """The keys whose value is not a SHA-384 in hex (96 characters)."""
+    return [key for key, value in values.items() if not (isinstance(value, str) and _HEX_PCR.fullmatch(value))]
+
+
 def render_run_config(params: dict[str, Any], measurements: dict[str, str]) -> str:
     """The run configuration of a spec (module option names), as JSON text with sorted keys."""
     config = {
@@ -99,10 +104,7 @@ def parse_run_config(text: str) -> dict[str, Any]:
     if (raw.get("cpu_count") is None) == (raw.get("cpu_ids") is None):
         raise ValueError("exactly one of cpu_count and cpu_ids must be set")
     expected = raw.get("measurements") or {}
-    if not isinstance(expected, dict) or not all(
-        key in RUN_CONFIG_PCRS and isinstance(value, str) and _HEX_PCR.fullmatch(value)
-        for key, value in expected.items()
-    ):
+    if not isinstance(expected, dict) or set(expected) - set(RUN_CONFIG_PCRS) or invalid_pcrs(expected):
         raise ValueError(f"measurements {expected!r} must map PCR0, PCR1 or PCR2 to 96 hexadecimal characters")
     return {
         "name": str(raw["enclave_name"]),
