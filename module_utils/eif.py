@@ -618,11 +618,6 @@ class EifImage:
             while chunk := handle.read(CHUNK_SIZE):
                 dest.write(chunk)
 
-    def extract_ramdisk(self, section: EifSection, dest: str | os.PathLike[str], **kwargs: Any) -> ExtractResult:
-        """Unpack a ramdisk section (cpio, optionally gzip) into `dest`; see `extract_cpio`."""
-        with self.open_section(section) as handle:
-            return extract_ramdisk_stream(handle, dest, **kwargs)
-
     def check_crc(self) -> None:
         if not self.crc_ok:
             raise EifCrcError(
@@ -1474,9 +1469,23 @@ def extract_customer_ramdisks(
         image = read_eif(image)
     if not image.customer_ramdisks:
         raise EifError(f"{image.path} has no application ramdisk (only {len(image.ramdisks)} ramdisk)")
+    return extract_ramdisk_windows(image.path, ramdisk_windows(image), dest, **kwargs)
+
+
+def ramdisk_windows(image: EifImage) -> list[tuple[int, int]]:
+    """(data offset, size) of each application ramdisk: what extract_ramdisk_windows needs."""
+    return [(section.data_offset, section.size) for section in image.customer_ramdisks]
+
+
+def extract_ramdisk_windows(
+    path: str | os.PathLike[str], windows: list[tuple[int, int]], dest: str | os.PathLike[str], **kwargs: Any
+) -> ExtractResult:
+    """Unpack ramdisks located by an earlier read_eif (e.g. in another process) without reading the whole
+    file again; `path` may be ``/proc/self/fd/N`` of the very file that was measured."""
     total = ExtractResult()
-    for section in image.customer_ramdisks:
-        part = image.extract_ramdisk(section, dest, **kwargs)
+    for offset, size in windows:
+        with _SectionFile(Path(path), offset, size) as handle:
+            part = extract_ramdisk_stream(handle, dest, **kwargs)
         total.files += part.files
         total.directories += part.directories
         total.symlinks += part.symlinks

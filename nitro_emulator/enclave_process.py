@@ -244,21 +244,29 @@ class Enclave:
         self.cleaned = threading.Event()  # every resource is released
         self.console_path: Path | None = None
         self.inflight: set[threading.Thread] = set()
+        # The measured EIF, held open until the enclave has unpacked it (see launch).
+        self.eif_fd: int | None = None
+        self.eif_windows: list[tuple[int, int]] = []
 
     # ---- launch
 
     def launch(self) -> None:
-        from nitro_module_utils.eif import EifError, metadata_describe, read_eif
+        from nitro_module_utils.eif import EifError, metadata_describe, ramdisk_windows, read_eif
 
         request = self.request
         eif_path = os.path.abspath(request.eif_path)
         try:
-            with open(eif_path, "rb") as handle:
-                eif_size = os.fstat(handle.fileno()).st_size
+            self.eif_fd = os.open(eif_path, os.O_RDONLY | os.O_CLOEXEC)
+            eif_size = os.fstat(self.eif_fd).st_size
         except OSError:
             raise NitroCliError(19, eif_path, "Open") from None
         try:
             image = read_eif(eif_path)
+            # The enclave is unpacked from this descriptor (no second pass over the file), so it must be
+            # the file just measured: an EIF renamed over meanwhile (a rollout's copy) is refused.
+            if not os.path.samestat(os.fstat(self.eif_fd), os.stat(eif_path)):
+                raise EifError(f"{eif_path} was replaced while it was read; run the enclave again")
+            self.eif_windows = ramdisk_windows(image)
             self.measurements = image.measurements
             if image.metadata is not None:
                 self.metadata = {
@@ -359,7 +367,11 @@ class Enclave:
             "ready_fd": ready_w,
             "enclave_id": slot.enclave_id,
             "hostname": "enclave",
-            "rootfs_cache": str(cache) if (cache := isolation.rootfs_cache(image, state.rootfs_cache_dir())) else None,
+            "eif_fd": self.eif_fd,
+            "ramdisks": self.eif_windows,
+            "rootfs_cache": str(cache)
+            if (cache := isolation.rootfs_cache(image, f"/proc/self/fd/{self.eif_fd}", state.rootfs_cache_dir()))
+            else None,
         }
         spec_path = state_dir / "spec.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
@@ -369,7 +381,7 @@ class Enclave:
                 stdin=subprocess.DEVNULL,
                 stdout=console_fd,
                 stderr=console_fd,
-                pass_fds=(ready_w,),
+                pass_fds=(ready_w, self.eif_fd),
                 preexec_fn=isolation.preexec(self.cgroup, isolation.host_cpus(slot.cpu_ids), slot.memory_mib),  # noqa: PLW1509 - PDEATHSIG/cgroup/affinity must be set between fork and exec
                 close_fds=True,
             )
@@ -378,6 +390,7 @@ class Enclave:
         finally:
             os.close(ready_w)
             os.close(console_fd)
+            self._close_eif()
         self.chan.stderr(
             f"Started enclave with enclave-cid: {slot.cid}, memory: {slot.memory_mib} MiB, "
             f"cpu-ids: [{', '.join(str(cpu) for cpu in slot.cpu_ids)}]"
@@ -522,10 +535,17 @@ class Enclave:
         proc.wait()
         self.finished.set()
 
+    def _close_eif(self) -> None:
+        if self.eif_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.eif_fd)
+            self.eif_fd = None
+
     def cleanup(self) -> None:
         from . import isolation
 
         self.finished.set()
+        self._close_eif()
         if self.listener is not None:
             with contextlib.suppress(OSError):
                 self.listener.close()

@@ -229,7 +229,7 @@ def preexec(cgroup: Path | None, cpus: list[int], memory_mib: int) -> Callable[[
     return apply
 
 
-def rootfs_cache(image: Any, base: Path) -> Path | None:
+def rootfs_cache(image: Any, source: str, base: Path) -> Path | None:
     """The EIF's customer ramdisks unpacked under ``base`` (0700, root only) for the image's second and
     later boots, keyed by PCR0 (which covers every ramdisk byte); None when the enclave should unpack
     the EIF itself.
@@ -240,8 +240,9 @@ def rootfs_cache(image: Any, base: Path) -> Path | None:
 
     Only the image's own content is kept there; what an enclave writes lives in its private tmpfs and
     is gone when it stops. The newest CACHE_KEEP images are kept. None too when the cache is unusable.
+    ``source`` is where to read the measured EIF's bytes (its path, or /proc/self/fd/N).
     """
-    from nitro_module_utils.eif import EifError, extract_customer_ramdisks
+    from nitro_module_utils.eif import EifError, extract_ramdisk_windows, ramdisk_windows
 
     try:
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -258,7 +259,7 @@ def rootfs_cache(image: Any, base: Path) -> Path | None:
                 tmp = base / f".unpacking-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
                 try:
-                    extract_customer_ramdisks(image, tmp, preserve_owner=True)
+                    extract_ramdisk_windows(source, ramdisk_windows(image), tmp, preserve_owner=True)
                     os.rename(tmp, target)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -364,7 +365,7 @@ def _read_lines(path: Path, what: str) -> list[str]:
 
 def build(spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     """Everything up to and including pivot_root; returns the command and environment to run."""
-    from nitro_module_utils.eif import EifError, extract_customer_ramdisks
+    from nitro_module_utils.eif import EifError, extract_ramdisk_windows
 
     work = Path(spec["workdir"])
     cid = int(spec["cid"])
@@ -377,7 +378,11 @@ def build(spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
             # inflating the ramdisk again, and the enclave still gets its own private tmpfs copy.
             subprocess.run(["cp", "-a", f"{cache}/.", str(work)], check=True, capture_output=True)
         else:
-            extract_customer_ramdisks(spec["eif_path"], work, preserve_owner=True)
+            # The descriptor of the EIF the enclave process measured (inherited), at the sections it found.
+            windows = [(int(offset), int(size)) for offset, size in spec["ramdisks"]]
+            if not windows:
+                raise IsolationError("Failed to unpack initramfs: the EIF has no application ramdisk")
+            extract_ramdisk_windows(f"/proc/self/fd/{int(spec['eif_fd'])}", windows, work, preserve_owner=True)
     except subprocess.CalledProcessError as exc:
         raise IsolationError(f"Failed to unpack initramfs: {exc.stderr.decode(errors='replace')}") from None
     except (EifError, OSError) as exc:

@@ -48,6 +48,9 @@ _STATUS = {
     "busy": 503,
 }
 _DESCRIBE_TTL = 2.0
+# While the app does not answer (an enclave booting or relaunching), nitro-cli is asked less often: each
+# describe is a process, and with the usual fixed CID the new enclave shows by answering again.
+_DESCRIBE_TTL_UNANSWERED = 5.0
 _MAX_HEALTH_WAIT_S = 300.0
 _HEALTH_WAIT_STEP_S = 0.5
 _MAX_BACKOFF = 60.0
@@ -77,9 +80,9 @@ class Gateway:
         return self.cid
 
     # ---------------------------------------------------------------- enclave state
-    async def refresh_enclave(self, force: bool = False) -> None:
-        """Enclave state and CID from nitro-cli (cached briefly); a new CID means a restart."""
-        if not self.config.enclave_name or (not force and time.monotonic() - self._described_at < _DESCRIBE_TTL):
+    async def refresh_enclave(self, force: bool = False, ttl: float = _DESCRIBE_TTL) -> None:
+        """Enclave state and CID from nitro-cli (cached for ``ttl`` s); a new CID means a restart."""
+        if not self.config.enclave_name or (not force and time.monotonic() - self._described_at < ttl):
             return
         self._described_at = time.monotonic()
         try:
@@ -132,8 +135,11 @@ class Gateway:
         return after or health
 
     async def check(self, provision: bool = True, force_describe: bool = False) -> dict[str, Any]:
-        await self.refresh_enclave(force_describe)
+        cid = self.cid
         health, app_error = await self.app_health()
+        await self.refresh_enclave(force_describe, _DESCRIBE_TTL if health is not None else _DESCRIBE_TTL_UNANSWERED)
+        if health is None and self.cid != cid:  # found under a new CID: ask it now
+            health, app_error = await self.app_health()
         if health is not None and provision:
             health = await self.ensure_provisioned(health)
         running = self.enclave.get("state") in ("RUNNING", "UNCHECKED")

@@ -549,3 +549,48 @@ def test_gateway_hands_over_after_a_tools_upgrade(
     config_file.write_text("enclave_cid: 16\n")
     gateway_module.main(["--config", str(config_file)])
     assert len(execs) == 1
+
+
+def test_nitro_cli_is_asked_sparingly_while_the_enclave_does_not_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _gateway_config(tmp_path, enclave_cid=None, enclave_name="tok")
+    clock = [1000.0]
+    monkeypatch.setattr(gateway_module.time, "monotonic", lambda: clock[0])
+    running_cid = [16]
+    answering: dict[int, dict[str, Any]] = {}
+    describes: list[str] = []
+
+    async def describe(nitro_cli: str, name: str) -> dict[str, Any]:
+        describes.append(name)
+        return {"State": "RUNNING", "EnclaveName": name, "EnclaveID": "enc", "EnclaveCID": running_cid[0]}
+
+    monkeypatch.setattr(gateway_module.parent, "describe_enclave", describe)
+
+    async def main() -> list[dict[str, Any]]:
+        gw = gateway_module.Gateway(config)
+
+        async def app_health() -> tuple[dict[str, Any] | None, str | None]:
+            health = answering.get(gw.cid) if gw.cid is not None else None
+            return health, None if health else "not answering"
+
+        gw.app_health = app_health  # type: ignore[method-assign]
+        reports = []
+        for _ in range(12):  # 6 s of a ?wait loop (0.5 s steps) while the enclave boots
+            reports.append(await gw.check())
+            clock[0] += 0.5
+        # It comes up under another CID: the next describe finds it, and the same check asks it.
+        running_cid[0] = 17
+        answering[17] = {"provisioned": True, "version": "1", "uptime_s": 1.0}
+        up_at = clock[0]
+        while (report := await gw.check())["status"] != "ok":
+            reports.append(report)
+            clock[0] += 0.5
+        reports.append(report)
+        assert clock[0] - up_at <= 5.0
+        return reports
+
+    reports = asyncio.run(main())
+    assert len(describes) == 3  # at 0 s and 5 s while booting (not every 2 s), then the one that finds CID 17
+    assert all(r["status"] == "unavailable" for r in reports[:-1])
+    assert reports[-1]["enclave"]["cid"] == 17

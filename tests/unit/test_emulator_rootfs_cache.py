@@ -32,15 +32,15 @@ def test_first_boot_unpacks_in_the_enclave_a_relaunch_fills_the_cache(tmp_path: 
     first = image(tmp_path, b"one")
     pcr0 = first.pcrs["PCR0"]
 
-    assert isolation.rootfs_cache(first, base) is None
+    assert isolation.rootfs_cache(first, str(first.path), base) is None
     assert (base / f"{pcr0}.seen").exists() and not (base / pcr0).exists()
     assert base.stat().st_mode & 0o777 == 0o700
 
-    cached = isolation.rootfs_cache(first, base)
+    cached = isolation.rootfs_cache(first, str(first.path), base)
     assert cached == base / pcr0
     assert (cached / "rootfs" / "app").read_bytes() == b"one"
     assert (cached / "cmd").read_text() == "/app\n"
-    assert isolation.rootfs_cache(first, base) == cached  # later boots reuse it
+    assert isolation.rootfs_cache(first, str(first.path), base) == cached  # later boots reuse it
     assert not list(base.glob(".unpacking-*"))
 
 
@@ -49,13 +49,13 @@ def test_only_the_newest_images_are_kept(tmp_path: Path, monkeypatch: pytest.Mon
     base = tmp_path / "cache"
     images = [image(tmp_path, name) for name in (b"a", b"b", b"c")]
     for index, img in enumerate(images):
-        isolation.rootfs_cache(img, base)
-        isolation.rootfs_cache(img, base)
+        isolation.rootfs_cache(img, str(img.path), base)
+        isolation.rootfs_cache(img, str(img.path), base)
         mark = base / f"{img.pcrs['PCR0']}.seen"
         # Boot order by mtime, without sleeping between boots.
         os.utime(mark, (1000 + index, 1000 + index))
         os.utime(base / img.pcrs["PCR0"], (1000 + index, 1000 + index))
-    isolation.rootfs_cache(images[2], base)
+    isolation.rootfs_cache(images[2], str(images[2].path), base)
     kept = {p.name for p in base.iterdir() if not p.name.startswith(".")}
     newest = [img.pcrs["PCR0"] for img in images[1:]]
     assert kept == {*newest, *(f"{pcr0}.seen" for pcr0 in newest)}
