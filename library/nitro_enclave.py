@@ -337,10 +337,14 @@ def configure(module: AnsibleModule) -> None:
         if params["backup"] and before is not None:
             result["backup_file"] = module.backup_local(path)
         handle, tmp = tempfile.mkstemp(prefix=".nitro_enclave-", dir=directory)
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(tmp, 0o644)
-        module.atomic_move(tmp, path)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(text)
+            os.chmod(tmp, 0o644)
+            module.atomic_move(tmp, path)
+        finally:
+            if os.path.exists(tmp):  # only when writing or moving failed
+                os.unlink(tmp)
     module.exit_json(**result)
 
 

@@ -5,8 +5,9 @@
                          X-Detokenize-Capability header (or "capability" in the body)
     GET  /healthz        200 only when the enclave is RUNNING, its key is provisioned and the app
                          answers; ?attest=1 also verifies a fresh attestation document (nonce) against
-                         the expected measurements; ?wait=S (at most 300) holds the answer until
-                         the report is healthy or S seconds passed (one request per rollout gate).
+                         the expected measurements; ?canary=1 also tokenizes a test card number
+                         through the enclave; ?wait=S (at most 300) holds the answer until the
+                         report is healthy or S seconds passed (one request per rollout gate).
 
 A monitor task polls the enclave; when it answers but is unprovisioned (first start, or a restart:
 its memory and key are gone) the gateway provisions it again. Requests are multiplexed over a pool of
@@ -55,6 +56,8 @@ _MAX_HEALTH_WAIT_S = 300.0
 _HEALTH_WAIT_STEP_S = 0.5
 _MAX_BACKOFF = 60.0
 _UPGRADE_CHECK_S = 5.0
+# A card-network test number (never a real card): what ?canary=1 tokenizes.
+CANARY_PAN = "4111111111111111"
 
 
 def _error(code: str, message: str, status: int | None = None) -> web.Response:
@@ -193,6 +196,16 @@ class Gateway:
         except (ConfigError, OSError) as exc:
             return {"valid": False, "check": "config", "error": str(exc)}
 
+    async def canary(self) -> dict[str, Any]:
+        """Tokenize CANARY_PAN as /v1/tokenize would (same client, same enclave operation)."""
+        try:
+            answer = await self.client.request({"op": "tokenize", "mode": "opaque", "pan": CANARY_PAN})
+        except TokenizerError as exc:
+            return {"ok": False, "error": f"{exc.code}: {exc.message}"}
+        token = answer.get("token")
+        ok = isinstance(token, str) and len(token) >= 32 and answer.get("last_four") == CANARY_PAN[-4:]
+        return {"ok": ok} if ok else {"ok": False, "error": "unexpected answer to the canary tokenization"}
+
     # ---------------------------------------------------------------- HTTP handlers
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -253,6 +266,7 @@ class Gateway:
         if not 0 <= wait <= _MAX_HEALTH_WAIT_S:
             return _error("bad_request", f"wait={raw_wait!r}: expected seconds from 0 to {_MAX_HEALTH_WAIT_S:g}", 400)
         attest = request.query.get("attest") in ("1", "true", "yes")
+        canary = request.query.get("canary") in ("1", "true", "yes")
         deadline = time.monotonic() + wait
         while True:
             report = await self.check(provision=True)
@@ -262,6 +276,10 @@ class Gateway:
             if attest and (report["status"] == "ok" or last):
                 report["attestation"] = await self.attest()
                 if not report["attestation"].get("valid"):
+                    report["status"] = "unavailable"
+            if canary and (report["status"] == "ok" or last):
+                report["canary"] = await self.canary()
+                if not report["canary"]["ok"]:
                     report["status"] = "unavailable"
             if report["status"] == "ok" or last:
                 return web.json_response(report, status=200 if report["status"] == "ok" else 503)

@@ -389,6 +389,10 @@ def test_gateway_provisions_through_attested_kms_serves_and_reprovisions(
         code, attested = gw.request("GET", "/healthz?attest=1")
         assert code == 200 and attested["attestation"]["valid"] is True
         assert attested["attestation"]["pcrs"]["0"] == PCRS[0].hex()
+        assert "canary" not in attested
+        # The rollout gate's one request: attested health plus a tokenization of the test card number.
+        code, deep = gw.request("GET", "/healthz?attest=1&canary=1")
+        assert code == 200 and deep["attestation"]["valid"] is True and deep["canary"] == {"ok": True}
         # The plaintext key never crossed the parent: nothing the parent saw contains it.
         assert srv.server.service.key.tokenizer is not None
     # Enclave restart: a fresh (unprovisioned) server at the same address; the gateway re-provisions.
@@ -445,6 +449,9 @@ def test_gateway_pcr0_not_in_policy_stays_unprovisioned(
         assert "AccessDenied" in report["key"]["last_error"]["message"]
         code, body = gw.request("POST", "/v1/tokenize", {"pan": PAN})
         assert code == 503 and body["error"]["code"] == "not_provisioned"
+        code, deep = gw.request("GET", "/healthz?canary=1")
+        assert code == 503 and deep["canary"]["ok"] is False
+        assert deep["canary"]["error"].startswith("not_provisioned:")
 
 
 def test_gateway_http_errors(vsock_dir: Path, tmp_path: Path) -> None:
