@@ -334,23 +334,26 @@ async def serve(
     if ready is not None:
         ready.set()
     stop = asyncio.Event()
+    signalled = asyncio.Event()  # a stop request wins over a hand-over to upgraded code
     if signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    watcher = asyncio.get_running_loop().create_task(_watch_upgrade(upgrade, stop)) if upgrade else None
+            asyncio.get_running_loop().add_signal_handler(sig, lambda: (signalled.set(), stop.set()))
+    upgraded = asyncio.Event()
+    watcher = asyncio.get_running_loop().create_task(_watch_upgrade(upgrade, stop, upgraded)) if upgrade else None
     try:
         await stop.wait()
     finally:
         if watcher is not None:
             watcher.cancel()
         await runner.cleanup()
-    return bool(upgrade and upgrade.changed())
+    return upgraded.is_set() and not signalled.is_set()
 
 
-async def _watch_upgrade(upgrade: UpgradeWatch, stop: asyncio.Event) -> None:
+async def _watch_upgrade(upgrade: UpgradeWatch, stop: asyncio.Event, upgraded: asyncio.Event) -> None:
     while not upgrade.changed():
         await asyncio.sleep(_UPGRADE_CHECK_S)
     log.info("%s changed (tools upgraded): re-executing", upgrade.path)
+    upgraded.set()
     stop.set()
 
 

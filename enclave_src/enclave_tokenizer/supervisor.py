@@ -244,6 +244,11 @@ def run(supervisor: Supervisor, interval: float) -> int:
             backoff = min(backoff * 2, 60.0)
             continue
         supervisor.wait_for_next_check(interval)
+    return stop_enclave(supervisor)
+
+
+def stop_enclave(supervisor: Supervisor) -> int:
+    """The service stops: so does its enclave."""
     try:
         name = load_config(supervisor.config_path)["name"]
         supervisor.terminate(name, "service stopping")
@@ -284,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: supervisor.stopping.set())
     code = run(supervisor, args.interval)
+    if code == REEXEC and supervisor.stopping.is_set():
+        code = stop_enclave(supervisor)  # a stop request that came meanwhile wins over the hand-over
     if code == REEXEC:
         reexec()  # the new code adopts the enclave
     return code

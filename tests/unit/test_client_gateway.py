@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -601,3 +602,22 @@ def test_nitro_cli_is_asked_sparingly_while_the_enclave_does_not_answer(
     assert len(describes) == 3  # at 0 s and 5 s while booting (not every 2 s), then the one that finds CID 17
     assert all(r["status"] == "unavailable" for r in reports[:-1])
     assert reports[-1]["enclave"]["cid"] == 17
+
+
+def test_gateway_stop_request_wins_over_an_upgrade(
+    tmp_path: Path, vsock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway_module, "_UPGRADE_CHECK_S", 60.0)  # the watch has not looked yet
+    record = tmp_path / ".wheelhouse.sha256"
+    record.write_text("old\n")
+    config = _gateway_config(tmp_path)
+
+    async def main() -> bool:
+        ready = asyncio.Event()
+        serving = asyncio.create_task(serve(config, ready, signals=True, upgrade=UpgradeWatch(record)))
+        await ready.wait()
+        record.write_text("new, longer\n")  # tools upgraded...
+        os.kill(os.getpid(), signal.SIGTERM)  # ...and the service stopped: it must stop, not re-execute
+        return await asyncio.wait_for(serving, 10)
+
+    assert asyncio.run(main()) is False

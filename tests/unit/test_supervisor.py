@@ -209,6 +209,25 @@ def test_main_re_executes_itself_with_its_own_command_line(
     assert parser.parse_args(["--config", "x", "--upgrade-stamp", "/s"]).upgrade_stamp == Path("/s")
 
 
+def test_a_stop_during_the_hand_over_wins(
+    host: FakeHost, eif: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    execs: list[object] = []
+    monkeypatch.setattr(upgrade.os, "execv", lambda *args: execs.append(args))
+    monkeypatch.setattr(supervisor_module.signal, "signal", lambda *_: None)
+
+    def upgraded_then_stopped(sup: Supervisor, interval: float) -> int:
+        sup.stopping.set()  # SIGTERM arrived just as the upgrade was noticed
+        return REEXEC
+
+    config = write_config(tmp_path / "tok.json", eif)
+    assert supervisor(config).check() == "launched"
+    monkeypatch.setattr(supervisor_module, "run", upgraded_then_stopped)
+    assert supervisor_module.main(["--config", str(config)]) == 0
+    assert execs == []  # no re-exec: the service stops, and so does its enclave
+    assert host.enclaves() == []
+
+
 def test_bad_configurations_name_the_problem(tmp_path: Path, eif: Path) -> None:
     with pytest.raises(ConfigError, match="exactly one of cpu_count and cpu_ids"):
         load_config(write_config(tmp_path / "a.json", eif, cpu_ids=[1]))
