@@ -249,6 +249,7 @@ def check_arguments(module: AnsibleModule) -> None:
         )
     if p["state"] == "absent":
         return
+    expected_measurements(module)  # a bad value fails here, before any EIF is read
     if p["debug_mode"] and not p["allow_debug_mode"]:
         module.fail_json(msg=DEBUG_REFUSAL)
     if p["memory_mib"] < MIN_MEMORY_MIB:
