@@ -130,6 +130,12 @@ def argument_problem(params: dict[str, Any]) -> str | None:
             return problem
     if params["state"] == "absent":
         return None
+    # An explicit null passes the argument spec's required_if; nothing below may meet a None.
+    for option in ("eif_path", "memory_mib", *(("config_path",) if params["state"] == "configured" else ())):
+        if option in params and params[option] is None:
+            return f"{option} must not be null with state={params['state']}"
+    if params["cpu_count"] is None and params["cpu_ids"] is None:
+        return f"cpu_count or cpu_ids must be given (not null) with state={params['state']}"
     try:
         expected_measurements(params["measurements"])
     except ValueError as exc:
