@@ -309,7 +309,7 @@ def check_pool(module: AnsibleModule, cli: NitroCli | None) -> None:
     others: list[dict[str, Any]] = []
     try:
         cli = cli or NitroCli(params["nitro_cli_path"], timeout=params["timeout"])
-        others = [r for r in cli.describe_enclaves() if r.get("EnclaveName") != params["name"]]
+        others = [r for r in cli.describe_enclaves() if isinstance(r, dict) and r.get("EnclaveName") != params["name"]]
     except NitroCliError as exc:  # without the list the whole pool is assumed free
         module.warn(f"cannot list running enclaves to count what they hold: {exc}")
     problems = enclave_pool_problems(
