@@ -232,6 +232,7 @@ waited:
 
 import json
 import os
+import stat
 import tempfile
 from typing import Any
 
@@ -331,12 +332,16 @@ def check_pool(module: AnsibleModule, cli: NitroCli | None) -> None:
 def read_before(module: AnsibleModule, path: str) -> str | None:
     """The current run configuration's text (bytes decoded; a non-UTF-8 file is replaced with a warning)."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_RUN_CONFIG_BYTES + 1)
+        # O_NONBLOCK: a FIFO in its place must not hang the run; it is refused below like any non-file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
         module.fail_json(msg=f"config_path {path}: cannot read it: {exc.strerror}")
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            module.fail_json(msg=f"config_path {path} is not a regular file; remove it or choose another path")
+        data = handle.read(MAX_RUN_CONFIG_BYTES + 1)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -579,3 +579,14 @@ def test_real_host_pool_is_ne_cpus_and_hugepages(
     )
     (params / "ne_cpus").write_text("\n")  # the allocator has not run: no pool to check against
     assert run(capsys, **args)["changed"] is True
+
+
+@pytest.mark.timeout(60)
+def test_config_path_that_is_not_a_file_is_refused(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, eif: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "tok.json"
+    os.mkfifo(fifo)
+    result = run(capsys, **base(eif, state="configured", config_path=str(fifo)))
+    assert result["failed"] is True
+    assert result["msg"] == f"config_path {fifo} is not a regular file; remove it or choose another path"
