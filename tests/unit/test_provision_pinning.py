@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from test_client_gateway import (  # the same real processes as the gateway test
     PAN,
     PCRS,
     ROLE,
+    GatewayThread,
+    _gateway_config,
     _kms_client,
     aws_creds,
     emulator_home,
@@ -270,3 +273,55 @@ def test_region_and_credentials_are_checked_strictly(enclave: Client, region: An
     with pytest.raises(TokenizerError) as info:
         enclave.provision(bad_creds)
     assert info.value.code == "bad_request" and "'access_key_id'" in info.value.message
+
+
+def _record(key_arn: str, *entries: dict[str, Any]) -> str:
+    """The fleet's data key record (as kms_enclave_data_key stores it) from provision requests."""
+    from nitro_module_utils import data_key_record
+
+    def entry(request: dict[str, Any]) -> dict[str, Any]:
+        blob = base64.b64decode(request["ciphertext_blob"])
+        return data_key_record.entry(blob, request.get("encryption_context", {}), "2026-01-01T00:00:00Z")
+
+    current, *previous = entries
+    return data_key_record.dumps(
+        data_key_record.build(key_arn, entry(current), entry(previous[0]) if previous else None)
+    )
+
+
+def test_gateway_applies_a_rotation_and_notices_an_unexpected_key(
+    vsock_dir: Path, tmp_path: Path, local_kms: str, nsm: Path, proxy: int, aws_creds: None
+) -> None:
+    fleet_key = _key(local_kms)
+    gen1 = _request(local_kms, fleet_key, proxy, generation=1)
+    gen2 = _request(local_kms, fleet_key, proxy, generation=2)
+    record = tmp_path / "datakey.json"
+    record.write_text(_record(fleet_key, gen1) + "\n")
+    config = _gateway_config(
+        tmp_path, kms_region="us-east-1", kms_ciphertext_file=str(record), kms_endpoint=local_kms, kms_proxy_port=proxy
+    )
+    with running_server(vsock_dir, proxy_port=proxy), GatewayThread(config) as gw:
+        first = gw.wait_health(200)["key"]
+        assert first["generation"] == 1 and first["unexpected_change"] is None
+        token = gw.request("POST", "/v1/tokenize", {"pan": PAN})[1]["token"]
+        # kms_enclave_data_key rotate=true delivered a new record: the gateway provisions it, no restart.
+        record.write_text(_record(fleet_key, gen2, gen1) + "\n")
+        deadline = time.monotonic() + 30
+        while (key := gw.request("GET", "/healthz")[1]["key"])["generation"] != 2:
+            assert time.monotonic() < deadline, key
+            time.sleep(0.2)
+        assert key["key_check"] != first["key_check"] and key["unexpected_change"] is None
+        assert gw.request("POST", "/v1/tokenize", {"pan": PAN})[1]["token"] != token
+    # The enclave restarts and someone else provisions it first with their own key: the gateway says so.
+    config.monitor_interval = 60.0  # only our /healthz requests look at the enclave
+    with GatewayThread(config) as gw:
+        with running_server(vsock_dir, proxy_port=proxy):
+            known = gw.wait_health(200)["key"]["key_check"]
+        with running_server(vsock_dir, proxy_port=proxy) as intruded:
+            intruded.provision_directly(FAKE_KEY)
+            time.sleep(0.2)
+            report = gw.request("GET", "/healthz")[1]
+            change = report["key"]["unexpected_change"]
+            assert change == {"old_key_check": known, "new_key_check": Tokenizer.from_data_key(FAKE_KEY).key_check}
+            # The intruder's key is of generation 0: the gateway put the fleet's newer key back.
+            assert report["key"]["key_check"] == known
