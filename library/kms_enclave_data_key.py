@@ -244,7 +244,10 @@ def blob_matches(client, blob: bytes, key_arn: str, context: dict) -> tuple[bool
             DestinationEncryptionContext=context,
             aws_retry=True,
         )
-    except is_boto3_error_code(["InvalidCiphertextException", "IncorrectKeyException", "NotFoundException"]) as exc:
+    except is_boto3_error_code(
+        # AccessDenied: a blob of a key this caller may not use (another account's, or one that no longer exists).
+        ["InvalidCiphertextException", "IncorrectKeyException", "NotFoundException", "AccessDeniedException"]
+    ) as exc:
         return False, exc.response["Error"]["Code"]
     source = answer.get("SourceKeyId", "")
     return source == key_arn, f"it belongs to {source}"
