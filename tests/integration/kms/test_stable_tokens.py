@@ -32,7 +32,7 @@ from tests.conftest import VENV_BIN, free_port, wait_for_port
 from tests.integration.ec2.conftest import DUMMY_ENV, REGION
 from tests.unit.tokenizer_harness import running_server
 
-from .conftest import ROLE, run_playbook
+from .conftest import ACCOUNT, ROLE, run_playbook
 
 PANS = ["4111111111111111", "5500000000000004", "340000000000009", "6011000000000004", "3530111333300000"]
 PCRS = {0: hashlib.sha384(b"stable image").digest(), 1: b"\x11" * 48, 2: b"\x22" * 48}
@@ -173,6 +173,8 @@ def test_two_checkouts_and_a_kms_restart_never_change_a_token(
         "kms_enclave_policy_region": REGION,
         "kms_enclave_policy_pcr0": [PCRS[0].hex()],
         "kms_enclave_policy_principals": [ROLE],
+        "kms_enclave_policy_account_id": ACCOUNT,
+        "kms_enclave_policy_admin_principals": [f"arn:aws:iam::{ACCOUNT}:root"],
         "kms_enclave_policy_host_data_key_file": str(host_record),
         # The stale file is named after the default alias: point the migration at it.
         "kms_enclave_policy_data_key_migrate_from": [
