@@ -76,6 +76,14 @@ options:
     type: list
     elements: path
     default: []
+  migrate_ciphertext:
+    description:
+      - Data key files as hosts hold them (base64 ciphertext, or a record), for example slurped from the fleet's
+        hosts. With no parameter and no adoptable O(migrate_from) file, the first one KMS verifies is uploaded, so
+        a fleet converged from a checkout that is gone keeps its data key.
+    type: list
+    elements: str
+    default: []
   migrate_strict:
     description:
       - A migration file that does not decrypt under the key fails the module (default). With C(false) it is
@@ -360,17 +368,31 @@ def check_stored(module, client, record: dict, meta: dict, *, name: str, context
                 )
 
 
-def migrate(module, client, meta: dict, context: dict) -> tuple[dict, str] | None:
-    """The first legacy ciphertext file KMS verifies, as a generation-0 entry."""
-    params = module.params
+def _candidates(params: dict, context: dict):
+    """(source, blob, context) of every data key that may be adopted, files first, then hosts' copies."""
     for path in [*params["migrate_from"], *([params["dest"]] if params["dest"] else [])]:
-        if not os.path.isfile(path):
+        if os.path.isfile(path):
+            yield path, read_blob(path), context
+    for index, text in enumerate(params["migrate_ciphertext"]):
+        source = f"migrate_ciphertext[{index}]"
+        if records.looks_like_record(text.encode()):
+            record = records.loads(text, source)
+            yield source, record["blob"], record["encryption_context"]
             continue
-        blob = read_blob(path)
-        matches, why = blob_matches(client, blob, meta["Arn"], context)
+        try:
+            yield source, base64.b64decode(text.strip(), validate=True), context
+        except (binascii.Error, ValueError):
+            raise DataKeyError(f"{source} is neither base64 ciphertext nor a data key record") from None
+
+
+def migrate(module, client, meta: dict, context: dict) -> tuple[dict, str] | None:
+    """The first legacy data key KMS verifies (generation 0, or the generation its record says)."""
+    params = module.params
+    for source, blob, entry_context in _candidates(params, context):
+        matches, why = blob_matches(client, blob, meta["Arn"], entry_context)
         if matches:
-            return records.entry(blob, context, now()), path
-        message = f"{path} holds a data key that does not decrypt under {meta['Arn']} with the given context: {why}"
+            return records.entry(blob, entry_context, now()), source
+        message = f"{source} holds a data key that does not decrypt under {meta['Arn']} with its context: {why}"
         if params["migrate_strict"]:
             raise DataKeyError(f"{message}; refusing to adopt or replace it (migrate_strict=false ignores it)")
         module.warn(f"{message}; not adopted")
@@ -464,6 +486,7 @@ def main() -> None:
         parameter_name=dict(type="str"),
         dest=dict(type="path"),
         migrate_from=dict(type="list", elements="path", default=[]),
+        migrate_ciphertext=dict(type="list", elements="str", default=[]),
         migrate_strict=dict(type="bool", default=True),
         rotate=dict(type="bool", default=False, aliases=["force"]),
         verify_existing=dict(type="bool", default=True),

@@ -195,3 +195,29 @@ def test_rotation_is_explicit_keeps_the_previous_key_and_says_so(tmp_path, kms_e
     # Both data keys decrypt under the key with their own (generation-bound) contexts.
     kms.decrypt(CiphertextBlob=record["blob"], EncryptionContext=context)
     kms.decrypt(CiphertextBlob=record["previous"]["blob"], EncryptionContext=record["previous"]["encryption_context"])
+
+
+def test_a_data_key_the_hosts_hold_is_adopted(tmp_path, kms_endpoint, kms) -> None:
+    """The checkout that converged the fleet is gone: the hosts' copy (base64 or a record) is adopted."""
+    key_id = kms.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["KeyId"]
+    names = [alias(), alias()]
+    for name in names:
+        kms.create_alias(AliasName=name, TargetKeyId=key_id)
+    context = {data_key_record.GENERATION_CONTEXT_KEY: "4"}
+    blob = kms.generate_data_key_without_plaintext(KeyId=key_id, KeySpec="AES_256")["CiphertextBlob"]
+    newer = kms.generate_data_key_without_plaintext(KeyId=key_id, KeySpec="AES_256", EncryptionContext=context)
+    arn = kms.describe_key(KeyId=key_id)["KeyMetadata"]["Arn"]
+    record = data_key_record.build(arn, data_key_record.entry(newer["CiphertextBlob"], context, "2026-01-01T00:00:00Z"))
+    hosts = [base64.b64encode(blob).decode() + "\n", data_key_record.dumps(record)]
+    run = run_module_tasks(
+        tmp_path,
+        kms_endpoint,
+        [
+            task("base64 copy", alias=names[0], create_key=False, migrate_ciphertext=hosts),
+            task("record copy", alias=names[1], create_key=False, migrate_ciphertext=hosts[1:]),
+        ],
+    )
+    plain, from_record = run.results
+    assert plain["found_in"] == "migrated:migrate_ciphertext[0]" and not plain["data_key_generated"], plain
+    assert stored(kms_endpoint, names[0])["blob"] == blob and plain["generation"] == 0
+    assert from_record["generation"] == 4 and stored(kms_endpoint, names[1])["blob"] == newer["CiphertextBlob"]
