@@ -76,6 +76,10 @@ class Gateway:
         self._next_provision = 0.0
         self._provision_lock = asyncio.Lock()
         self._monitor: asyncio.Task[None] | None = None
+        # The key check this gateway last saw: a change it did not ask for (no rotation) is reported.
+        self.key_check: str | None = None
+        self.unexpected_key_change: dict[str, str] | None = None
+        self._rotating = False
 
     def _current_cid(self) -> int:
         if self.cid is None:
@@ -111,10 +115,34 @@ class Gateway:
         except TokenizerError as exc:
             return None, exc.message
 
+    def _rotation_due(self, health: dict[str, Any]) -> bool:
+        """The delivered data key record is of a newer generation than the enclave's key (a rotation)."""
+        if not (health.get("provisioned") and self.config.provisioning_configured):
+            return False
+        try:
+            record = parent.read_data_key(self.config.kms_ciphertext_file or "")
+        except (ConfigError, OSError):
+            return False
+        return record["generation"] > (health.get("key_generation") or 0)
+
+    def _watch_key(self, health: dict[str, Any] | None) -> None:
+        """Log loudly when the enclave's key changes without a rotation this gateway asked for."""
+        key_check = (health or {}).get("key_check")
+        if not key_check:
+            return
+        known = self.key_check
+        if known is not None and key_check != known and not self._rotating:
+            log.error("unexpected data key change in the enclave: key check %s -> %s", known, key_check)
+            self.unexpected_key_change = {"old_key_check": known, "new_key_check": key_check}
+        self.key_check = key_check
+
     async def ensure_provisioned(self, health: dict[str, Any]) -> dict[str, Any]:
         """Provision an answering but unprovisioned enclave (backoff after failures, except for a fresh
-        enclave that has never been asked). Returns the health after the attempt."""
-        if health.get("provisioned") or not self.config.provisioning_configured:
+        enclave that has never been asked), or one whose key an explicit rotation replaced. Returns the
+        health after the attempt."""
+        self._watch_key(health)
+        self._rotating = self._rotation_due(health)
+        if (health.get("provisioned") and not self._rotating) or not self.config.provisioning_configured:
             return health
         fresh = health.get("provision_attempts") == 0
         if not fresh and time.monotonic() < self._next_provision:
@@ -135,6 +163,8 @@ class Gateway:
                 self.provision_error = None
                 self.provision_failures = 0
         after, _ = await self.app_health()
+        self._watch_key(after)
+        self._rotating = False
         return after or health
 
     async def check(self, provision: bool = True, force_describe: bool = False) -> dict[str, Any]:
@@ -162,6 +192,8 @@ class Gateway:
             "key": {
                 "provisioned": provisioned,
                 "key_check": (health or {}).get("key_check"),
+                "generation": (health or {}).get("key_generation"),
+                "unexpected_change": self.unexpected_key_change,
                 "detokenize_enabled": (health or {}).get("detokenize_enabled"),
                 "last_error": None if provisioned else key_error,
             },
@@ -173,7 +205,7 @@ class Gateway:
                 # An enclave that answers holding its key needs nothing: no nitro-cli call (a process per
                 # poll on every host). Otherwise describe it (a restart may bring a new CID) and provision.
                 health, _ = await self.app_health()
-                if not (health and health.get("provisioned")):
+                if not (health and health.get("provisioned")) or self._rotation_due(health):
                     await self.check(force_describe=True)
             except Exception as exc:  # the monitor must outlive any single failure
                 log.error("monitor: %s", type(exc).__name__)

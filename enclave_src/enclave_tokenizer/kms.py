@@ -131,11 +131,17 @@ def call(
     proxy_port: int = DEFAULT_PROXY_PORT,
     timeout: float = 15.0,
     now: dt.datetime | None = None,
+    allow_plain_http: bool = False,
 ) -> dict[str, Any]:
-    """One KMS JSON-1.1 call (``TrentService.<operation>``) through the vsock-proxy."""
+    """One KMS JSON-1.1 call (``TrentService.<operation>``) through the vsock-proxy.
+
+    Plain http only with ``allow_plain_http`` (the emulated local endpoint): on a Nitro host the verified
+    TLS session to KMS is what makes the answer trustworthy, since the parent relays every byte.
+    """
     url = urlsplit(endpoint or default_endpoint(region))
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise KmsError("InvalidEndpoint", "KMS endpoint must be an http(s) URL")
+    allowed = ("http", "https") if allow_plain_http else ("https",)
+    if url.scheme not in allowed or not url.hostname:
+        raise KmsError("InvalidEndpoint", f"KMS endpoint must be an {' or '.join(allowed)} URL")
     host = url.netloc
     body = json.dumps(payload, separators=(",", ":")).encode()
     headers = sign_v4(
@@ -184,6 +190,12 @@ def call(
     return data
 
 
+@dataclass(frozen=True)
+class RecipientAnswer:
+    envelope: bytes  # DER CMS EnvelopedData (CiphertextForRecipient)
+    key_id: str  # ARN of the KMS key that decrypted, as KMS reported it
+
+
 def decrypt_for_recipient(
     ciphertext_blob: bytes,
     attestation_document: bytes,
@@ -191,8 +203,8 @@ def decrypt_for_recipient(
     key_id: str | None = None,
     encryption_context: dict[str, str] | None = None,
     **call_args: Any,
-) -> bytes:
-    """KMS Decrypt with Recipient; returns the DER CMS EnvelopedData (CiphertextForRecipient).
+) -> RecipientAnswer:
+    """KMS Decrypt with Recipient: the CiphertextForRecipient envelope and the KeyId KMS names.
 
     Refuses any answer without CiphertextForRecipient, or with a plaintext: either means the endpoint
     did not honour attestation and the key would have crossed the parent in the clear.
@@ -214,7 +226,10 @@ def decrypt_for_recipient(
     blob = data.get("CiphertextForRecipient")
     if not isinstance(blob, str) or not blob:
         raise KmsError("MissingCiphertextForRecipient", "KMS answer has no CiphertextForRecipient")
+    answered_key = data.get("KeyId")
+    if not isinstance(answered_key, str) or not answered_key:
+        raise KmsError("InvalidResponse", "KMS answer has no KeyId")
     try:
-        return base64.b64decode(blob, validate=True)
+        return RecipientAnswer(base64.b64decode(blob, validate=True), answered_key[:2048])
     except ValueError:
         raise KmsError("InvalidResponse", "CiphertextForRecipient is not base64") from None

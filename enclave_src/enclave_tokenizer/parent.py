@@ -141,6 +141,20 @@ def read_ciphertext(path: str) -> bytes:
     return raw
 
 
+def read_data_key(path: str) -> dict[str, Any]:
+    """The fleet's data key record (JSON, what kms_enclave_data_key stores in SSM), or a legacy ciphertext
+    file as a generation-0 record without context. Entries carry ``blob`` (raw ciphertext)."""
+    from nitro_module_utils import data_key_record
+
+    raw = Path(path).read_bytes()
+    if not data_key_record.looks_like_record(raw):
+        return {"blob": read_ciphertext(path), "generation": 0, "encryption_context": {}}
+    try:
+        return data_key_record.loads(raw, path)
+    except data_key_record.RecordError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def current_credentials(profile: str | None = None) -> kms.Credentials:
     """Temporary credentials from botocore's default chain (the instance role on EC2)."""
     import botocore.session
@@ -158,9 +172,10 @@ def provision_request(config: GatewayConfig) -> dict[str, Any]:
     if not config.provisioning_configured:
         raise ConfigError("kms_region and kms_ciphertext_file are required to provision")
     assert config.kms_ciphertext_file is not None
+    record = read_data_key(config.kms_ciphertext_file)
     creds = current_credentials(config.aws_profile)
     request: dict[str, Any] = {
-        "ciphertext_blob": base64.b64encode(read_ciphertext(config.kms_ciphertext_file)).decode(),
+        "ciphertext_blob": base64.b64encode(record["blob"]).decode(),
         "region": config.kms_region,
         "credentials": {
             "access_key_id": creds.access_key_id,
@@ -172,11 +187,18 @@ def provision_request(config: GatewayConfig) -> dict[str, Any]:
     for key, value in (
         ("endpoint", config.kms_endpoint),
         ("key_id", config.kms_key_id),
-        ("encryption_context", config.kms_encryption_context or None),
+        ("encryption_context", {**config.kms_encryption_context, **record["encryption_context"]} or None),
         ("detokenize_capability_sha256", config.detokenize_capability_sha256),
     ):
         if value:
             request[key] = value
+    previous = record.get("previous")
+    if previous is not None:
+        # The key the current one replaced: the enclave keeps it for detokenize and lookups of old tokens.
+        request["previous"] = {
+            "ciphertext_blob": base64.b64encode(previous["blob"]).decode(),
+            "encryption_context": {**config.kms_encryption_context, **previous["encryption_context"]},
+        }
     return request
 
 

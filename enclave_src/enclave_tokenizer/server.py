@@ -24,6 +24,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
+
+from nitro_module_utils.data_key_record import RecordError, context_generation
 
 from . import kms, protocol, vsock
 from .protocol import ProtocolError
@@ -51,6 +54,8 @@ class ServerConfig:
     kms_timeout: float = 20.0
     proxy_cid: int = vsock.PARENT_CID
     proxy_port: int = kms.DEFAULT_PROXY_PORT
+    # Set in the image (TOKENIZER_KMS_KEY_ARN, measured into PCR2): the only KMS key a data key may come from.
+    kms_key_arn: str = ""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ServerConfig:
@@ -75,11 +80,28 @@ class RequestError(Exception):
 
 @dataclass
 class _KeyState:
+    """The data key the enclave holds, and what pins it against replacement by the parent.
+
+    ``key_arn`` is the KeyId of the (TLS-authenticated, on a Nitro host) KMS answer that released the key;
+    ``generation`` is bound in the data key's encryption context by KMS. Both only a KMS caller allowed to
+    make data keys under the fleet's key can choose, never a host that may only Decrypt with attestation.
+    """
+
     tokenizer: Tokenizer | None = None
     capability_sha256: str | None = None
     provisioned_at: float | None = None
     last_error: dict[str, str] | None = None
     attempts: int = 0
+    blob: bytes | None = None
+    key_arn: str | None = None
+    generation: int = 0
+    # The key the current one replaced (rotation): detokenize and lookups of tokens made before.
+    previous: Tokenizer | None = None
+    previous_generation: int | None = None
+    key_changes: int = 0
+    last_key_change: dict[str, Any] | None = None
+    refused: int = 0
+    last_refusal: dict[str, str] | None = None
 
 
 @dataclass
@@ -114,6 +136,60 @@ def _str_field(request: dict[str, Any], name: str, required: bool = False, max_l
     if not isinstance(value, str) or not value or len(value) > max_len:
         raise RequestError("bad_request", f"'{name}' must be a non-empty string")
     return value
+
+
+# AWS region names: lowercase ASCII words and a number (us-east-1, us-gov-west-1, eusc-de-east-1).
+_REGION = re.compile(r"[a-z]{2,4}(-[a-z]+){1,3}-[0-9]{1,2}")
+# Credentials and key ids go into HTTP headers and the signature: printable ASCII, no spaces or CR-LF.
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _ascii_field(request: dict[str, Any], name: str, required: bool = False, max_len: int = 2048) -> str | None:
+    value = _str_field(request, name, required, max_len)
+    if value is not None and not _HEADER_SAFE.fullmatch(value):
+        raise RequestError("bad_request", f"'{name}' must be printable ASCII without spaces")
+    return value
+
+
+def _context_field(request: dict[str, Any], name: str) -> dict[str, str] | None:
+    context = request.get(name)
+    if context is not None and not (
+        isinstance(context, dict)
+        and len(context) <= 64
+        and all(isinstance(k, str) and isinstance(v, str) and len(k) + len(v) <= 2048 for k, v in context.items())
+    ):
+        raise RequestError("bad_request", f"'{name}' must map strings to strings (at most 64 entries)")
+    try:
+        context_generation(context)
+    except RecordError as exc:
+        raise RequestError("bad_request", f"'{name}': {exc}") from None
+    return context
+
+
+def _emulated_nsm() -> bool:
+    """True in the emulator: its NSM is a UNIX socket, a real enclave's is /dev/nsm. The image's environment
+    is measured, so a host cannot make a real enclave believe it is emulated."""
+    from . import nsm
+
+    return bool(os.environ.get(nsm.NSM_SOCKET_ENV))
+
+
+def _kms_endpoint(request: dict[str, Any], region: str) -> tuple[str, bool]:
+    """(endpoint, plain http allowed): on a Nitro host only the regional HTTPS endpoint (certificate
+    verified inside the enclave); plain http only to a loopback endpoint in the emulator."""
+    endpoint = _ascii_field(request, "endpoint", max_len=256)
+    regional = kms.default_endpoint(region)
+    if not _emulated_nsm():
+        if endpoint not in (None, regional, regional + "/"):
+            raise RequestError("bad_request", f"'endpoint' must be {regional} (or omitted) on a Nitro host")
+        return regional, False
+    if endpoint is None:
+        return regional, False
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or (url.scheme == "http" and url.hostname not in _LOOPBACK_HOSTS):
+        raise RequestError("bad_request", "'endpoint' must be https, or http to a loopback address (emulator)")
+    return endpoint, True
 
 
 class TokenizerService:
@@ -190,6 +266,13 @@ class TokenizerService:
         if mode not in MODES:
             raise RequestError("bad_request", f"'mode' must be one of {', '.join(MODES)}")
         tokenizer = self._tokenizer()
+        if request.get("key", "current") == "previous":
+            # Lookups during a rotation's migration window: the token the previous key made for this PAN.
+            if self.key.previous is None:
+                raise RequestError("bad_request", "no previous key is held ('key' may be 'current')")
+            tokenizer = self.key.previous
+        elif request.get("key", "current") != "current":
+            raise RequestError("bad_request", "'key' must be 'current' or 'previous'")
         make = {"opaque": tokenizer.opaque, "fpe": tokenizer.fpe, "reversible": tokenizer.reversible}[mode]
         pans = self._batch(request, "pans")
         if pans is None:
@@ -197,7 +280,7 @@ class TokenizerService:
                 raise RequestError("bad_request", "'pan' or 'pans' is required")
             pan = normalize_pan(request["pan"])
             self.stats.tokens += 1
-            return {"token": make(pan), "last_four": pan[-4:]}
+            return {"token": make(pan), "last_four": pan[-4:], "key_check": tokenizer.key_check}
         tokens: list[str | None] = []
         last_four: list[str | None] = []
         errors: list[dict[str, Any]] = []
@@ -213,7 +296,7 @@ class TokenizerService:
             add_token(make(pan))
             add_last(pan[-4:])
         self.stats.tokens += len(pans) - len(errors)
-        return {"tokens": tokens, "last_four": last_four, "errors": errors}
+        return {"tokens": tokens, "last_four": last_four, "errors": errors, "key_check": tokenizer.key_check}
 
     def op_detokenize(self, request: dict[str, Any]) -> dict[str, Any]:
         tokenizer = self._tokenizer()
@@ -225,17 +308,27 @@ class TokenizerService:
         if tokens is None:
             if "token" not in request:
                 raise RequestError("bad_request", "'token' or 'tokens' is required")
-            pan = tokenizer.detokenize(request["token"])
-            return {"pan": pan, "last_four": pan[-4:]}
+            pan, key_check = self._detokenize(tokenizer, request["token"])
+            return {"pan": pan, "last_four": pan[-4:], "key_check": key_check}
         pans: list[str | None] = []
         errors: list[dict[str, Any]] = []
         for index, token in enumerate(tokens):
             try:
-                pans.append(tokenizer.detokenize(token))
+                pans.append(self._detokenize(tokenizer, token)[0])
             except TokenError as exc:
                 pans.append(None)
                 errors.append({"index": index, "code": exc.code, "message": exc.message})
         return {"pans": pans, "errors": errors}
+
+    def _detokenize(self, tokenizer: Tokenizer, token: object) -> tuple[str, str]:
+        """(PAN, key check of the key that made the token): the current key, else the previous one."""
+        try:
+            return tokenizer.detokenize(token), tokenizer.key_check
+        except TokenError:
+            previous = self.key.previous
+            if previous is None:
+                raise
+            return previous.detokenize(token), previous.key_check
 
     def op_health(self, request: dict[str, Any]) -> dict[str, Any]:
         key = self.key
@@ -248,6 +341,14 @@ class TokenizerService:
             "provisioned_at": key.provisioned_at,
             "provision_attempts": key.attempts,
             "last_provision_error": key.last_error,
+            "key_generation": key.generation if key.tokenizer else None,
+            "key_arn": key.key_arn,
+            "previous_key_check": key.previous.key_check if key.previous else None,
+            "previous_key_generation": key.previous_generation,
+            "key_changes": key.key_changes,
+            "last_key_change": key.last_key_change,
+            "provision_refused": key.refused,
+            "last_provision_refusal": key.last_refusal,
             "uptime_s": round(time.time() - self.stats.started, 3),
             "connections": self.stats.connections,
             "requests": self.stats.requests,
@@ -269,20 +370,18 @@ class TokenizerService:
 
     def _parse_provision(self, request: dict[str, Any]) -> dict[str, Any]:
         blob = _b64_field(request, "ciphertext_blob", required=True)
-        region = _str_field(request, "region", required=True, max_len=64)
+        region = request.get("region")
+        if not isinstance(region, str) or not _REGION.fullmatch(region):
+            raise RequestError("bad_request", "'region' must be an AWS region name such as us-east-1")
         creds = request.get("credentials")
         if not isinstance(creds, dict):
             raise RequestError("bad_request", "'credentials' must be an object")
         credentials = kms.Credentials(
-            access_key_id=_str_field(creds, "access_key_id", required=True) or "",
-            secret_access_key=_str_field(creds, "secret_access_key", required=True) or "",
-            session_token=_str_field(creds, "session_token"),
+            access_key_id=_ascii_field(creds, "access_key_id", required=True, max_len=128) or "",
+            secret_access_key=_ascii_field(creds, "secret_access_key", required=True, max_len=256) or "",
+            session_token=_ascii_field(creds, "session_token", max_len=8192),
         )
-        context = request.get("encryption_context")
-        if context is not None and not (
-            isinstance(context, dict) and all(isinstance(v, str) for v in context.values()) and len(context) <= 64
-        ):
-            raise RequestError("bad_request", "'encryption_context' must map strings to strings")
+        context = _context_field(request, "encryption_context")
         capability = request.get("detokenize_capability_sha256")
         if capability is not None and not (isinstance(capability, str) and _HEX64.fullmatch(capability)):
             raise RequestError("bad_request", "'detokenize_capability_sha256' must be 64 lowercase hex chars")
@@ -295,37 +394,105 @@ class TokenizerService:
         proxy_port = request.get("proxy_port", self.config.proxy_port)
         if isinstance(proxy_port, bool) or not isinstance(proxy_port, int) or not 0 < proxy_port < 2**32:
             raise RequestError("bad_request", "'proxy_port' must be a vsock port number")
+        if proxy_port != self.config.proxy_port:
+            # KMS only through the vsock-proxy the image was configured with, never a port the caller picks.
+            port = self.config.proxy_port
+            raise RequestError("bad_request", f"'proxy_port' must be the configured vsock-proxy port {port}")
+        endpoint, plain_http = _kms_endpoint(request, region)
+        previous = request.get("previous")
+        if previous is not None:
+            if not isinstance(previous, dict):
+                raise RequestError("bad_request", "'previous' must be an object")
+            previous = {
+                "blob": _b64_field(previous, "ciphertext_blob", required=True),
+                "context": _context_field(previous, "encryption_context"),
+            }
+            if context_generation(previous["context"]) >= context_generation(context):
+                raise RequestError("bad_request", "'previous' must be a data key of an older generation")
         return {
             "blob": blob,
             "capability": capability,
-            "key_id": _str_field(request, "key_id"),
+            "key_id": _ascii_field(request, "key_id"),
             "context": context,
+            "generation": context_generation(context),
+            "previous": previous,
+            "pinned_key_arn": self.config.kms_key_arn or self.key.key_arn,
             "call_args": {
                 "region": region,
                 "credentials": credentials,
-                "endpoint": _str_field(request, "endpoint"),
+                "endpoint": endpoint,
+                "allow_plain_http": plain_http,
                 "proxy_cid": self.config.proxy_cid,
                 "proxy_port": proxy_port,
                 "timeout": self.config.kms_timeout,
             },
         }
 
+    def _refuse(self, message: str, new_key_check: str | None = None) -> RequestError:
+        key = self.key
+        key.refused += 1
+        key.last_refusal = {"at": f"{time.time():.3f}", "message": message}
+        log.warning(
+            "provision refused: %s (held key check %s generation %d, offered key check %s)",
+            message,
+            key.tokenizer.key_check if key.tokenizer else None,
+            key.generation,
+            new_key_check or "not decrypted",
+        )
+        return RequestError("provision_refused", message)
+
     async def op_provision(self, request: dict[str, Any]) -> dict[str, Any]:
         params = self._parse_provision(request)
         async with self._provision_lock:
-            self.key.attempts += 1
+            key = self.key
+            params["pinned_key_arn"] = self.config.kms_key_arn or key.key_arn
+            if key.tokenizer is not None:
+                if params["blob"] == key.blob:  # the same data key again (a gateway restart): nothing to do
+                    return {"provisioned": True, "key_check": key.tokenizer.key_check, "generation": key.generation}
+                if params["generation"] <= key.generation:
+                    # Refused before any KMS call: only a rotation to a newer generation may replace the key.
+                    raise self._refuse(
+                        f"the enclave holds a generation {key.generation} data key; another one is accepted only "
+                        "as a rotation to a newer generation under the same KMS key"
+                    )
+            key.attempts += 1
             try:
-                tokenizer = await asyncio.get_running_loop().run_in_executor(None, _bootstrap_key, params)
+                loaded = await asyncio.get_running_loop().run_in_executor(None, _bootstrap_key, params)
             except RequestError as exc:
-                self.key.last_error = {"code": exc.code, "message": exc.message}
+                if exc.code == "provision_refused":
+                    raise self._refuse(exc.message) from None
+                key.last_error = {"code": exc.code, "message": exc.message}
                 log.warning("provision failed: %s", exc.code)
                 raise
-            self.key.tokenizer = tokenizer
-            self.key.capability_sha256 = params["capability"]
-            self.key.provisioned_at = time.time()
-            self.key.last_error = None
-            log.info("provisioned data key (key check %s)", tokenizer.key_check)
-            return {"provisioned": True, "key_check": tokenizer.key_check}
+            tokenizer, key_arn, previous = loaded
+            old = key.tokenizer
+            if old is not None and old.key_check != tokenizer.key_check:
+                key.previous, key.previous_generation = old, key.generation
+                key.key_changes += 1
+                key.last_key_change = {
+                    "at": round(time.time(), 3),
+                    "old_key_check": old.key_check,
+                    "new_key_check": tokenizer.key_check,
+                    "old_generation": key.generation,
+                    "new_generation": params["generation"],
+                }
+                log.warning(
+                    "data key rotated: generation %d -> %d, key check %s -> %s (the previous key stays for "
+                    "detokenize and lookups)",
+                    key.generation,
+                    params["generation"],
+                    old.key_check,
+                    tokenizer.key_check,
+                )
+            elif old is None and previous is not None:
+                key.previous, key.previous_generation = previous, context_generation(params["previous"]["context"])
+            key.tokenizer, key.blob, key.key_arn = tokenizer, params["blob"], key_arn
+            key.generation = params["generation"]
+            key.capability_sha256 = params["capability"]
+            key.provisioned_at = time.time()
+            key.last_error = None
+            log.info("provisioned data key (key check %s, generation %d)", tokenizer.key_check, key.generation)
+            return {"provisioned": True, "key_check": tokenizer.key_check, "generation": key.generation}
 
 
 class _WithId(RequestError):
@@ -334,8 +501,25 @@ class _WithId(RequestError):
         self.request_id = request_id
 
 
-def _bootstrap_key(params: dict[str, Any]) -> Tokenizer:
-    """Attested KMS Decrypt (runs in a worker thread); the plaintext key exists only in this process."""
+def _bootstrap_key(params: dict[str, Any]) -> tuple[Tokenizer, str, Tokenizer | None]:
+    """Attested KMS Decrypt of the data key (and of the previous one, when given), in a worker thread.
+
+    Returns (tokenizer, KMS key ARN, previous tokenizer). The plaintext keys exist only in this process.
+    A KMS answer naming another key than the pinned one is refused (``provision_refused``).
+    """
+    tokenizer, key_arn = _decrypt_data_key(params["blob"], params["context"], params)
+    pinned = params["pinned_key_arn"]
+    if pinned and key_arn != pinned:
+        raise RequestError("provision_refused", f"the data key is under {key_arn}, not the pinned key {pinned}")
+    previous = None
+    if params["previous"] is not None:
+        previous, previous_arn = _decrypt_data_key(params["previous"]["blob"], params["previous"]["context"], params)
+        if previous_arn != key_arn:
+            raise RequestError("provision_refused", "the previous data key is under another KMS key")
+    return tokenizer, key_arn, previous
+
+
+def _decrypt_data_key(blob: bytes, context: dict[str, str] | None, params: dict[str, Any]) -> tuple[Tokenizer, str]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -350,23 +534,19 @@ def _bootstrap_key(params: dict[str, Any]) -> Tokenizer:
     except (nsm.NsmError, OSError, ValueError) as exc:
         raise RequestError("nsm_error", f"NSM attestation failed: {type(exc).__name__}") from None
     try:
-        envelope = kms.decrypt_for_recipient(
-            params["blob"],
-            document,
-            key_id=params["key_id"],
-            encryption_context=params["context"],
-            **params["call_args"],
+        answer = kms.decrypt_for_recipient(
+            blob, document, key_id=params["key_id"], encryption_context=context, **params["call_args"]
         )
     except kms.KmsError as exc:
         code = "kms_denied" if exc.code in ("AccessDeniedException", "KMSInvalidStateException") else "kms_error"
         raise RequestError(code, f"KMS Decrypt failed: {exc.code}: {exc.message}") from None
     try:
-        data_key = cms.decrypt_enveloped_data(envelope, private_key)
+        data_key = cms.decrypt_enveloped_data(answer.envelope, private_key)
     except (cms.CmsError, ValueError) as exc:
         raise RequestError("cms_error", f"cannot unwrap CiphertextForRecipient: {type(exc).__name__}") from None
     if len(data_key) != 32:
         raise RequestError("bad_key", "the data key must be 256 bits (GenerateDataKey KeySpec AES_256)")
-    return Tokenizer.from_data_key(data_key)
+    return Tokenizer.from_data_key(data_key), answer.key_id
 
 
 class _Connection(asyncio.Protocol):

@@ -264,7 +264,11 @@ def test_sync_client_ops_batches_and_reconnect(vsock_dir: Path) -> None:
         srv.provision_directly()
         time.sleep(0.05)
         client = Client(16, 5000, timeout=5, pool_size=2)
-        assert client.tokenize("4111-1111-1111-1111") == {"token": TK.opaque(PAN), "last_four": "1111"}
+        assert client.tokenize("4111-1111-1111-1111") == {
+            "token": TK.opaque(PAN),
+            "last_four": "1111",
+            "key_check": TK.key_check,
+        }
         pans = [PAN, "bad", "5500000000000004"] * 700  # 2100 items -> 3 pipelined requests of 1000
         result = client.tokenize_batch(pans, mode="fpe", batch_size=1000)
         assert len(result["tokens"]) == 2100 and result["tokens"][2099] == TK.fpe("5500000000000004")
@@ -346,6 +350,7 @@ def test_kms_answer_without_ciphertext_for_recipient_is_refused(vsock_dir: Path)
                         credentials=kms.Credentials("a", "b"),
                         endpoint="http://kms.local",
                         proxy_port=8123,
+                        allow_plain_http=True,
                     )
                 except kms.KmsError as exc:
                     codes.append(exc.code)

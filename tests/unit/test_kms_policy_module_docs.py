@@ -7,6 +7,7 @@ import subprocess
 import sys
 from typing import Any
 
+import nitro_module_utils.data_key_record
 import nitro_module_utils.kms_policy
 import pytest
 import yaml
@@ -24,6 +25,7 @@ def argument_spec(name: str) -> dict[str, Any]:
     """Run the module's main() up to AnsibleAWSModule(...) and capture the spec it passes."""
     # Inside Ansible the module imports module_utils as ansible.module_utils.<name>.
     sys.modules.setdefault("ansible.module_utils.kms_policy", nitro_module_utils.kms_policy)
+    sys.modules.setdefault("ansible.module_utils.data_key_record", nitro_module_utils.data_key_record)
     spec = importlib.util.spec_from_file_location(f"_library_{name}", REPO_ROOT / "library" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -155,7 +155,8 @@ def test_tokenize_single_and_modes(provisioned: RunningServer) -> None:
             answer = call(sock, {"id": mode, "op": "tokenize", "pan": PAN_SPACED, "mode": mode})
             assert answer["ok"], answer
             assert answer["id"] == mode
-            assert answer["result"] == {"token": fn(PAN), "last_four": "1111"}
+            # Each answer says which key made the token (the key check changes only with a rotation).
+            assert answer["result"] == {"token": fn(PAN), "last_four": "1111", "key_check": TK.key_check}
         assert call(sock, {"id": 9, "op": "tokenize", "pan": PAN})["result"]["token"] == (
             "c57c42af4e717c08959485561629195a"
         )
@@ -190,7 +191,7 @@ def test_detokenize_needs_capability(provisioned: RunningServer) -> None:
         wrong = call(sock, {"id": 2, "op": "detokenize", "token": token, "capability": "nope"})
         assert wrong["error"]["code"] == "forbidden"
         right = call(sock, {"id": 3, "op": "detokenize", "token": token, "capability": CAPABILITY})
-        assert right["result"] == {"pan": PAN, "last_four": "1111"}
+        assert right["result"] == {"pan": PAN, "last_four": "1111", "key_check": TK.key_check}
         opaque = call(sock, {"id": 4, "op": "detokenize", "token": TK.opaque(PAN), "capability": CAPABILITY})
         assert opaque["error"]["code"] == "invalid_token"
         batch = call(sock, {"id": 5, "op": "detokenize", "tokens": [token, "rv1.AAAA"], "capability": CAPABILITY})
