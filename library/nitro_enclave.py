@@ -218,6 +218,7 @@ from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.eif import EifError, read_eif
+from ansible.module_utils.eif_provenance import require_runnable_here
 from ansible.module_utils.enclave_spec import (
     MIN_MEMORY_MIB,
     RUN_CONFIG_PCRS,
@@ -303,6 +304,7 @@ def measure(module: AnsibleModule) -> dict[str, str]:
     path = module.params["eif_path"]
     try:
         image = read_eif(path)
+        require_runnable_here(image)  # a placeholder EIF never runs on a Nitro host
     except EifError as exc:
         module.fail_json(msg=f"eif_path {path}: {exc}")
     check_memory(module, image.file_size)

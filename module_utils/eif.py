@@ -73,6 +73,10 @@ PCR_ZERO = bytes(48)
 EMPTY_PCR = hashlib.sha384(PCR_ZERO + hashlib.sha384(b"").digest()).hexdigest()
 METADATA_KEYS = ("ImageName", "ImageVersion", "BuildMetadata", "DockerInfo", "CustomMetadata")
 BUILD_INFO_KEYS = ("BuildTime", "BuildTool", "BuildToolVersion", "OperatingSystem", "KernelVersion")
+# The emulator's extra BuildMetadata key: `true` when the EIF was built from its placeholder kernel/init,
+# which boot nowhere but under the emulator. nitro-cli's reader ignores unknown keys (EifBuildInfo has no
+# deny_unknown_fields: aws-nitro-enclaves-image-format src/defs/mod.rs @935dc62), so the EIF stays valid.
+PLACEHOLDER_BLOBS_KEY = "PlaceholderBlobs"
 
 _HEADER_STRUCT = struct.Struct(">4sHHQQHH32Q32QII")
 _SECTION_STRUCT = struct.Struct(">HHQ")
@@ -518,14 +522,19 @@ def make_metadata(
     build_info: Mapping[str, str],
     docker_info: Any = None,
     custom_metadata: Any = None,
+    *,
+    placeholder_blobs: bool = False,
 ) -> dict[str, Any]:
     missing = [k for k in BUILD_INFO_KEYS if k not in build_info]
     if missing:
         raise EifError(f"build info lacks {', '.join(missing)}")
+    build: dict[str, Any] = {k: build_info[k] for k in BUILD_INFO_KEYS}
+    if placeholder_blobs:
+        build[PLACEHOLDER_BLOBS_KEY] = True
     return {
         "ImageName": image_name,
         "ImageVersion": image_version,
-        "BuildMetadata": {k: build_info[k] for k in BUILD_INFO_KEYS},
+        "BuildMetadata": build,
         "DockerInfo": docker_info,
         "CustomMetadata": custom_metadata,
     }
@@ -542,7 +551,8 @@ def metadata_bytes(metadata: Mapping[str, Any]) -> bytes:
     ordered = {
         "ImageName": metadata["ImageName"],
         "ImageVersion": metadata["ImageVersion"],
-        "BuildMetadata": {k: build[k] for k in BUILD_INFO_KEYS},
+        # Declared fields first, in order, then the emulator's marker (serde writes declared fields only).
+        "BuildMetadata": {k: build[k] for k in (*BUILD_INFO_KEYS, PLACEHOLDER_BLOBS_KEY) if k in build},
         "DockerInfo": _sorted_json(metadata["DockerInfo"]),
         "CustomMetadata": _sorted_json(metadata["CustomMetadata"]),
     }

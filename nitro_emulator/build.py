@@ -7,7 +7,8 @@ reproducibility (same Docker image content + same blobs => byte-identical EIF):
 - ramdisks are built by `eif.write_cpio` (sorted newc, mtimes 0), not by linuxkit; the application
   ramdisk is gzip-compressed (mtime 0, no name), the bootstrap ramdisk is plain cpio;
 - `BuildTime` is `SOURCE_DATE_EPOCH` when set, else the image's `Created` time (nitro-cli uses "now");
-- `DockerInfo` leaves out the host-local, volatile `Metadata` (LastTagTime) and `GraphDriver` keys.
+- `DockerInfo` leaves out the host-local, volatile `Metadata` (LastTagTime) and `GraphDriver` keys;
+- built from the stand-in blobs, `BuildMetadata` carries `"PlaceholderBlobs": true` (nitro-cli ignores it).
 
 Progress goes to stderr, the JSON result to stdout, failures raise NitroCliError (`[ Exx ]`, exit = E number).
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nitro_module_utils import eif
+from nitro_module_utils.eif_provenance import blob_is_placeholder
 
 from .errors import NitroCliError
 
@@ -83,6 +85,11 @@ def _require_blob(blobs: Path, name: str) -> Path:
     if not path.is_file():
         raise NitroCliError(48, f"Required blob '{path}' is missing (NITRO_CLI_BLOBS={blobs}).")
     return path
+
+
+def placeholder_blobs(blobs: Path) -> bool:
+    """Whether any blob that goes into PCR1 is one of the emulator's stand-ins."""
+    return any(blob_is_placeholder(_require_blob(blobs, name)) for name in (kernel_name(), "init", "nsm.ko"))
 
 
 def artifacts_dir() -> Path:
@@ -456,6 +463,8 @@ def build_enclave(args: argparse.Namespace) -> int:
         build_info,
         docker_info_for_metadata(info),
         custom,
+        # Recorded so the modules and roles never send this EIF to a Nitro host (eif_provenance).
+        placeholder_blobs=placeholder_blobs(blobs),
     )
     with tempfile.TemporaryDirectory(prefix="build-", dir=artifacts) as tmp:
         work = Path(tmp)
