@@ -51,13 +51,16 @@ for pkg; do
     aws-nitro-enclaves-cli)
       groupadd -f ne
       install -m 0755 /opt/standin/nitro-cli /usr/bin/nitro-cli
-      printf '[Service]\nType=oneshot\nRemainAfterExit=true\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n' \
+      printf '[Service]\nType=oneshot\nRemainAfterExit=true\nExecStart=/bin/true\n' \
         > /usr/lib/systemd/system/nitro-enclaves-allocator.service
+      printf '[Install]\nWantedBy=multi-user.target\n' >> /usr/lib/systemd/system/nitro-enclaves-allocator.service
       printf '[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n' \
         > /usr/lib/systemd/system/nitro-enclaves-vsock-proxy.service ;;
     aws-nitro-enclaves-cli-devel)
       mkdir -p /usr/share/nitro_enclaves/blobs
-      for blob in bzImage init nsm.ko; do printf 'real-looking %s blob\n' $blob > /usr/share/nitro_enclaves/blobs/$blob; done
+      for blob in bzImage init nsm.ko; do
+        printf 'real-looking %s blob\n' $blob > /usr/share/nitro_enclaves/blobs/$blob
+      done
       printf 'reboot=k panic=30 pci=off nomodules console=ttyS0\n' > /usr/share/nitro_enclaves/blobs/cmdline ;;
     docker)
       groupadd -f docker
@@ -74,7 +77,9 @@ STANDIN_RPM = r"""#!/bin/sh
 echo "$*" >> /var/log/standin/rpm.log
 shift
 missing=0
-for pkg; do grep -qx "$pkg" /var/lib/standin/rpms 2>/dev/null || { echo "package $pkg is not installed"; missing=1; }; done
+for pkg; do
+  grep -qx "$pkg" /var/lib/standin/rpms 2>/dev/null || { echo "package $pkg is not installed"; missing=1; }
+done
 exit $missing
 """
 
@@ -125,8 +130,10 @@ elif argv[:1] == ["build-enclave"]:
     work.mkdir()
     boot = eif.write_ramdisk(bootstrap_entries(blobs), work / "bootstrap", compress=False)
     app = eif.write_ramdisk([eif.file_entry("rootfs/image-id", image_id.encode())], work / "app")
-    pcrs = eif.write_eif(opt("--output-file"), kernel=blobs / "bzImage", cmdline=(blobs / "cmdline").read_text().strip(),
-                         ramdisks=[boot, app], metadata=eif.make_metadata(opt("--name"), opt("--version"), info))
+    cmdline = (blobs / "cmdline").read_text().strip()
+    metadata = eif.make_metadata(opt("--name"), opt("--version"), info)
+    pcrs = eif.write_eif(opt("--output-file"), kernel=blobs / "bzImage", cmdline=cmdline, ramdisks=[boot, app],
+                         metadata=metadata)
     for part in work.iterdir():
         part.unlink()
     work.rmdir()
@@ -217,7 +224,9 @@ def play(
     args = [str(VENV_BIN / "ansible-playbook"), "-i", str(tmp_path / "inventory.yml"), str(path)]
     if extra:
         args += ["-e", json.dumps(extra)]
-    return subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+    result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+    path.with_suffix(".log").write_text(result.stdout + result.stderr)  # for a look after a failure
+    return result
 
 
 def in_host(container: str, *argv: str) -> str:
@@ -291,6 +300,8 @@ def test_al2023_branch_installs_builds_on_the_host_and_distributes(tmp_path: Pat
     # Again: nothing installed or built twice.
     second = play(tmp_path, al2023_host, site)
     assert second.returncode == 0, second.stdout[-6000:]
+    recap = next(line for line in second.stdout.splitlines() if line.startswith("al2023 "))
+    assert " changed=0 " in recap, recap
     assert len(in_host(al2023_host, "cat", f"{LOG}/dnf.log").splitlines()) == 1
     calls = [json.loads(line) for line in in_host(al2023_host, "cat", f"{LOG}/nitro-cli.log").splitlines()]
     assert len([c for c in calls if c[:1] == ["build-enclave"]]) == 1
@@ -303,10 +314,16 @@ def test_placeholder_eif_is_refused_on_a_host_with_the_device(tmp_path: Path, al
 
     build_dir = tmp_path / "build"
     build_dir.mkdir()
-    info = {"BuildTime": "1970-01-01T00:00:00+00:00", "BuildTool": "nitro-cli-emulator", "BuildToolVersion": "1.4.2",
-            "OperatingSystem": "Linux", "KernelVersion": "4.14.256"}  # fmt: skip
-    write_eif(build_dir / "tokenizer.eif", kernel=DEFAULT_BLOBS / "bzImage", cmdline="console=ttyS0",
-              ramdisks=[b"BOOT", b"APP"], metadata=make_metadata("tokenizer", "1", info, placeholder_blobs=True))  # fmt: skip
+    info = {
+        "BuildTime": "1970-01-01T00:00:00+00:00",
+        "BuildTool": "nitro-cli-emulator",
+        "BuildToolVersion": "1.4.2",
+        "OperatingSystem": "Linux",
+        "KernelVersion": "4.14.256",
+    }
+    metadata = make_metadata("tokenizer", "1", info, placeholder_blobs=True)
+    kernel = DEFAULT_BLOBS / "bzImage"
+    write_eif(build_dir / "tokenizer.eif", kernel=kernel, cmdline="x", ramdisks=[b"BOOT", b"APP"], metadata=metadata)
     image = read_eif(build_dir / "tokenizer.eif")
     distribute = [
         {
@@ -319,7 +336,7 @@ def test_placeholder_eif_is_refused_on_a_host_with_the_device(tmp_path: Path, al
                     "measurements": image.measurements,
                     "min_memory_mib": 64,
                     "placeholder_blobs": True,
-                },  # fmt: skip
+                },
             },
             "tasks": [
                 {
