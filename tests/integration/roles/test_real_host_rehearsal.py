@@ -287,6 +287,8 @@ def test_al2023_branch_installs_builds_on_the_host_and_distributes(tmp_path: Pat
     assert argv[argv.index("--name") + 1] == "tokenizer"
     docker_log = in_host(al2023_host, "cat", f"{LOG}/docker.log")
     assert "build --quiet --force-rm --tag nitro-enclaves/tokenizer:1.0.0" in docker_log
+    # The controller's local base image is not on a Nitro host: it pulls the public one.
+    assert "--build-arg=BASE_IMAGE=public.ecr.aws/docker/library/python:3.11-slim-bookworm" in docker_log
 
     # Fetched to the controller, measured there, artifact written there; the host runs those bytes.
     fetched = read_eif(build_dir / "tokenizer.eif", file_digest=True)
