@@ -5,7 +5,8 @@ The EIF layout, ramdisk content and measurements are nitro-cli's; the EIF/PCR co
 reproducibility (same Docker image content + same blobs => byte-identical EIF):
 
 - ramdisks are built by `eif.write_cpio` (sorted newc, mtimes 0), not by linuxkit; the application
-  ramdisk is gzip-compressed (mtime 0, no name), the bootstrap ramdisk is plain cpio;
+  ramdisk is gzip-compressed (mtime 0, no name), the bootstrap ramdisk is plain cpio (every difference
+  from linuxkit's cpio, with its upstream source: nitro_emulator/README.md);
 - `BuildTime` is `SOURCE_DATE_EPOCH` when set, else the image's `Created` time (nitro-cli uses "now");
 - `DockerInfo` leaves out the host-local, volatile `Metadata` (LastTagTime) and `GraphDriver` keys;
 - built from the stand-in blobs, `BuildMetadata` carries `"PlaceholderBlobs": true` (nitro-cli ignores it).
