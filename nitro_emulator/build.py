@@ -4,9 +4,9 @@ The EIF layout, ramdisk content and measurements are nitro-cli's; the EIF/PCR co
 `nitro_module_utils.eif` (the same file the Ansible modules use). Differences from nitro-cli, all for
 reproducibility (same Docker image content + same blobs => byte-identical EIF):
 
-- ramdisks are built by `eif.write_cpio` (sorted newc, mtimes 0), not by linuxkit; the application
-  ramdisk is gzip-compressed (mtime 0, no name), the bootstrap ramdisk is plain cpio (every difference
-  from linuxkit's cpio, with its upstream source: nitro_emulator/README.md);
+- ramdisks are built by `eif.write_cpio` (sorted newc with linuxkit's header fields), not by linuxkit;
+  the bootstrap ramdisk is linuxkit's byte for byte, the application ramdisk is gzip-compressed (mtime 0,
+  no name) with mtimes 0 (every difference, with its upstream source: nitro_emulator/README.md);
 - `BuildTime` is `SOURCE_DATE_EPOCH` when set, else the image's `Created` time (nitro-cli uses "now");
 - `DockerInfo` leaves out the host-local, volatile `Metadata` (LastTagTime) and `GraphDriver` keys;
 - built from the stand-in blobs, `BuildMetadata` carries `"PlaceholderBlobs": true` (nitro-cli ignores it).
@@ -469,7 +469,9 @@ def build_enclave(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="build-", dir=artifacts) as tmp:
         work = Path(tmp)
-        boot = eif.write_ramdisk(bootstrap_entries(blobs), work / "bootstrap-initrd.img", compress=False)
+        boot = eif.write_ramdisk(
+            bootstrap_entries(blobs), work / "bootstrap-initrd.img", compress=False, mtime=eif.LINUXKIT_FILES_MTIME
+        )
         with exported_rootfs(uri, work) as tar:
             entries = rootfs_entries(tar)
             entries += [eif.file_entry("cmd", lines_file(cmd)), eif.file_entry("env", lines_file(env))]
