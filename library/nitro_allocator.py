@@ -199,10 +199,12 @@ from ansible.module_utils.allocator import (
     format_cpu_list,
     parse_allocator_yaml,
     parse_cpu_list,
+    read_config_text,
     render_allocator_yaml,
     validate,
 )
 from ansible.module_utils.basic import AnsibleModule, env_fallback
+from ansible.module_utils.enclave_pool import read_ne_cpus
 from ansible.module_utils.nitro_cli import NitroCli, NitroCliError, NitroCliNotFound, find_emulator, is_emulated
 
 HEADER = "Managed by Ansible (nitro_allocator). Read by the nitro-enclaves-allocator service."
@@ -215,7 +217,7 @@ def desired_memory(params: dict[str, Any], current: AllocatorConfig | None) -> i
     return max(params["min_memory_mib"], current.memory_mib if current else 0)
 
 
-def desired_config(module: AnsibleModule, current: AllocatorConfig | None) -> AllocatorConfig:
+def desired_config(module: AnsibleModule, current: AllocatorConfig | None, topology: HostTopology) -> AllocatorConfig:
     params = module.params
     memory_mib = desired_memory(params, current)
     pool = params["cpu_pool"]
@@ -229,22 +231,23 @@ def desired_config(module: AnsibleModule, current: AllocatorConfig | None) -> Al
         elif isinstance(pool, int) and not isinstance(pool, bool):
             cpus = [pool]
         else:
-            cpus = parse_cpu_list(str(pool))
+            # Bounded by the host before any range is expanded (validate() names the offline ones).
+            highest = max(topology.online)
+            cpus = parse_cpu_list(str(pool), highest, f" this host has (online: {format_cpu_list(topology.online)})")
     except (CpuListError, ValueError, TypeError) as exc:
         detail = f": {exc}" if str(exc) else ""
+        shown = pool if len(str(pool)) <= 200 else str(pool)[:200] + "..."
         module.fail_json(
-            msg=f"cpu_pool {pool!r} is not a CPU list{detail}; "
+            msg=f"cpu_pool {shown!r} is not a CPU list{detail}; "
             "allowed: a cpu-list string like '2,3,6-9' or a list of CPU numbers like [2, 3]"
         )
     return AllocatorConfig(memory_mib=memory_mib, cpu_pool=tuple(sorted(set(cpus))))
 
 
 def read_current(path: str) -> tuple[str | None, AllocatorConfig | None, str | None]:
-    """(text, parsed config or None, parse error or None)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
+    """(text, parsed config or None, parse error or None); AllocatorConfigError when it is not text."""
+    text = read_config_text(path)
+    if text is None:
         return None, None, None
     try:
         return text, parse_allocator_yaml(text, path), None
@@ -307,11 +310,7 @@ def emulator_applied(module: AnsibleModule, cmd: list[str], config: AllocatorCon
 
 def real_pool_applied(sysfs_root: str) -> bool:
     """On a Nitro host the driver's ne_cpus parameter is empty until the allocator ran."""
-    try:
-        with open(os.path.join(sysfs_root, "sys/module/nitro_enclaves/parameters/ne_cpus"), encoding="ascii") as handle:
-            return bool(handle.read().strip())
-    except OSError:
-        return False
+    return bool(read_ne_cpus(sysfs_root))
 
 
 def topology_facts(topology: HostTopology) -> dict[str, Any]:
@@ -368,13 +367,15 @@ def main() -> None:
     )
     params = module.params
     path = params["path"]
-    before_text, current, parse_error = read_current(path)
-    desired = desired_config(module, current)
-
+    try:
+        before_text, current, parse_error = read_current(path)
+    except AllocatorConfigError as exc:
+        module.fail_json(msg=str(exc))
     try:
         topology = HostTopology.from_sysfs(params["sysfs_root"])
     except (OSError, CpuListError) as exc:
         module.fail_json(msg=f"cannot read the host CPU topology under {params['sysfs_root']}: {exc}")
+    desired = desired_config(module, current, topology)
     pool = params["cpu_pool"]
     pool_text = ",".join(str(cpu) for cpu in pool) if isinstance(pool, list) else (None if pool is None else str(pool))
     problems = validate(desired, topology, pool_text)

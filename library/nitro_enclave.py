@@ -20,6 +20,10 @@ description:
     terminates it and launches it again; the diff shows before and after.
   - Launches and terminations are serialized per host with a lock file, because concurrent C(nitro-cli run-enclave)
     calls fail.
+  - Before anything changes (also in check mode), the CPUs, memory and CID are checked against the pool the
+    allocator applied (C(ne_cpus) and the hugepages on a Nitro host, the emulated allocator's record on an emulated
+    one), minus what other running enclaves hold; a request that cannot fit fails naming the value and the pool,
+    so a bad value never takes a healthy enclave down. Without an applied pool there is no such check.
   - Works the same with the real nitro-cli and with the project's emulator (hosts without C(/dev/nitro_enclaves)).
 version_added: "0.1.0"
 author:
@@ -35,18 +39,23 @@ options:
     description:
       - V(running) launches the enclave unless an identical one runs. V(restarted) always terminates and launches
         again. V(absent) terminates every enclave with that name.
-      - V(configured) writes the run configuration to O(config_path) (atomically, with check and diff mode) and
-        calls no nitro-cli. The EIF is not read, only its size checked against O(memory_mib).
+      - V(configured) writes the run configuration to O(config_path) (atomically, with check and diff mode). The EIF
+        is not read, only its size checked against O(memory_mib); the only nitro-cli call is C(describe-enclaves),
+        when an allocator pool is applied, to count what other enclaves hold.
     type: str
     choices: [running, absent, restarted, configured]
     default: running
   eif_path:
-    description: The enclave image file. Required unless O(state=absent).
+    description:
+      - The enclave image file. Required unless O(state=absent).
+      - Must be a regular file; a directory, device, FIFO or socket is refused before it is read.
     type: path
   measurements:
     description:
       - The PCR0, PCR1 and PCR2 (hex) the EIF must measure, as recorded when it was built (O(nitro_eif) returns
-        them); other keys are ignored.
+        them).
+      - Keys are case-sensitive. C(HashAlgorithm) and C(PCR8) (the rest of what M(nitro_eif) returns) are accepted
+        and not compared; any other key (for example C(pcr0)) is refused, so a typo never turns pinning off.
       - With O(state=running) or O(state=restarted) an EIF that measures differently is refused before any
         enclave is touched. With O(state=configured) they are written into the configuration.
     type: dict
@@ -59,15 +68,19 @@ options:
     default: false
   cpu_count:
     description:
-      - Number of vCPUs (full cores; the allocator pool must hold them). Mutually exclusive with O(cpu_ids).
+      - Number of vCPUs (full cores; the allocator pool must hold them), 1 to 448 (the largest EC2 instance's
+        vCPUs). Mutually exclusive with O(cpu_ids).
     type: int
   cpu_ids:
-    description: Exactly which CPUs from the allocator pool to use. Mutually exclusive with O(cpu_count).
+    description:
+      - Exactly which CPUs from the allocator pool to use, each 0 to 447, none twice. Mutually exclusive with
+        O(cpu_count).
     type: list
     elements: int
   memory_mib:
     description:
-      - Enclave memory in MiB. At least 64 and at least 4 times the EIF file size. Required unless O(state=absent).
+      - Enclave memory in MiB. At least 64 and at least 4 times the EIF file size, at most 25165824 (24 TiB, the
+        largest EC2 instance's memory). Required unless O(state=absent).
       - nitro-cli may round the reported memory up to the hugepage size (2 MiB); that rounding is not a change.
     type: int
   enclave_cid:
@@ -98,18 +111,18 @@ options:
         type: int
         required: true
       timeout:
-        description: Seconds to wait.
+        description: Seconds to wait, 0 to 86400.
         type: int
         default: 60
   timeout:
-    description: Seconds each nitro-cli call may take.
+    description: Seconds each nitro-cli call may take, 0 to 86400.
     type: int
     default: 300
   lock_file:
     description: The per-host launch lock. Default C($NITRO_CLI_SOCKETS_PATH/.ansible-launch.lock).
     type: path
   lock_timeout:
-    description: Seconds to wait for another launch on the same host to finish.
+    description: Seconds to wait for another launch on the same host to finish, 0 to 86400.
     type: int
     default: 300
   nitro_cli_path:
@@ -117,6 +130,13 @@ options:
       - The nitro-cli binary. Default E(NITRO_CLI_BIN), then C(nitro-cli) on PATH, then C(/usr/bin/nitro-cli), then
         (emulated hosts only) C(nitro-cli-emulator).
     type: path
+  sysfs_root:
+    description:
+      - Root under which C(sys/module/nitro_enclaves/parameters/ne_cpus) and C(sys/kernel/mm/hugepages) are read for
+        the pool check on a Nitro host. For tests and chroots.
+      - Defaults to E(NITRO_EMULATOR_SYSFS_ROOT) when set, like M(nitro_allocator)'s.
+    type: path
+    default: /
 notes:
   - Supports check mode and diff mode.
 seealso:
@@ -212,28 +232,28 @@ waited:
 
 import json
 import os
-import re
+import stat
 import tempfile
 from typing import Any
 
-from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.eif import EifError, read_eif
+from ansible.module_utils.basic import AnsibleModule, env_fallback
+from ansible.module_utils.eif import EifError, open_regular, read_eif
 from ansible.module_utils.eif_provenance import require_runnable_here
+from ansible.module_utils.enclave_pool import enclave_pool_problems, read_applied_pool
 from ansible.module_utils.enclave_spec import (
-    MIN_MEMORY_MIB,
-    RUN_CONFIG_PCRS,
+    argument_problem,
     differences,
-    invalid_pcrs,
     min_memory_mib,
     render_run_config,
     summary,
     unexpected_measurements,
     wanted,
 )
-from ansible.module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, wait_for_vsock
+from ansible.module_utils.enclave_spec import expected_measurements as spec_measurements
+from ansible.module_utils.nitro_cli import NitroCli, NitroCliError, is_emulated, launch_lock, wait_for_vsock
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-MAX_CID = 2**32 - 2
+MAX_RUN_CONFIG_BYTES = 1 << 20  # a run configuration is a few hundred bytes
+
 DEBUG_REFUSAL = (
     "debug_mode: true refused: in debug mode the enclave's attestation documents carry all-zero PCR0, PCR1 and PCR2, "
     "so KMS keys whose policy is bound to the image measurements (kms:RecipientAttestation:ImageSha384 / PCRn) "
@@ -243,51 +263,19 @@ DEBUG_REFUSAL = (
 
 def check_arguments(module: AnsibleModule) -> None:
     p = module.params
-    if not NAME_RE.fullmatch(p["name"]):
-        module.fail_json(
-            msg=f"name {p['name']!r} is not allowed: use letters, digits, '.', '_' and '-', starting with a letter "
-            "or digit, at most 64 characters"
-        )
-    if p["state"] == "absent":
-        return
-    expected_measurements(module)  # a bad value fails here, before any EIF is read
-    if p["debug_mode"] and not p["allow_debug_mode"]:
+    problem = argument_problem(p)  # a bad value fails here, before any EIF is read
+    if problem:
+        module.fail_json(msg=problem)
+    if p["state"] != "absent" and p["debug_mode"] and not p["allow_debug_mode"]:
         module.fail_json(msg=DEBUG_REFUSAL)
-    if p["memory_mib"] < MIN_MEMORY_MIB:
-        module.fail_json(
-            msg=f"memory_mib {p['memory_mib']} is below the minimum enclave memory of {MIN_MEMORY_MIB} MiB"
-        )
-    if p["cpu_count"] is not None and p["cpu_count"] <= 0:
-        module.fail_json(msg=f"cpu_count {p['cpu_count']} must be greater than 0")
-    if p["cpu_ids"] is not None:
-        ids = p["cpu_ids"]
-        if not ids:
-            module.fail_json(msg="cpu_ids is empty; give at least one CPU id (or use cpu_count)")
-        if any(cpu < 0 for cpu in ids):
-            module.fail_json(msg=f"cpu_ids {ids} has a negative CPU id")
-        if len(set(ids)) != len(ids):
-            module.fail_json(msg=f"cpu_ids {ids} names a CPU more than once")
-    cid = p["enclave_cid"]
-    if cid is not None and not 4 <= cid <= MAX_CID:
-        module.fail_json(
-            msg=f"enclave_cid {cid} is not allowed: CIDs 0-2 are reserved, 3 is the parent instance; use 4 to {MAX_CID}"
-        )
-    wait = p["wait_for"]
-    if wait is not None:
-        if not 1 <= wait["port"] <= 2**32 - 2:
-            module.fail_json(msg=f"wait_for.port {wait['port']} is not a vsock port (1 to {2**32 - 2})")
-        if wait["timeout"] < 0:
-            module.fail_json(msg=f"wait_for.timeout {wait['timeout']} must not be negative")
 
 
 def expected_measurements(module: AnsibleModule) -> dict[str, str]:
-    """The measurements option, PCR0-2 only; fails naming a bad value."""
-    given = module.params["measurements"] or {}
-    expected = {pcr: str(value) for pcr, value in given.items() if pcr in RUN_CONFIG_PCRS}
-    bad = invalid_pcrs(expected)
-    if bad:
-        module.fail_json(msg=f"measurements {', '.join(bad)}: expected 96 hexadecimal characters (a SHA-384)")
-    return expected
+    """The measurements option, PCR0-2 only (check_arguments already refused bad keys and values)."""
+    try:
+        return spec_measurements(module.params["measurements"])
+    except ValueError as exc:
+        module.fail_json(msg=str(exc))
 
 
 def check_memory(module: AnsibleModule, eif_size: int) -> None:
@@ -314,22 +302,68 @@ def measure(module: AnsibleModule) -> dict[str, str]:
     return image.measurements
 
 
+def check_pool(module: AnsibleModule, cli: NitroCli | None) -> None:
+    """Refuse resources the allocator's applied pool cannot give, before anything changes: a configuration the
+    driver would refuse (E22/E26/E27) must never replace one a healthy enclave runs with."""
+    params = module.params
+    pool = read_applied_pool(is_emulated(), params["sysfs_root"])
+    if pool is None:
+        return  # no pool applied yet (or unreadable): nitro-cli names the problem at launch
+    others: list[dict[str, Any]] = []
+    try:
+        cli = cli or NitroCli(params["nitro_cli_path"], timeout=params["timeout"])
+        others = [r for r in cli.describe_enclaves() if isinstance(r, dict) and r.get("EnclaveName") != params["name"]]
+    except NitroCliError as exc:  # without the list the whole pool is assumed free
+        module.warn(f"cannot list running enclaves to count what they hold: {exc}")
+    problems = enclave_pool_problems(
+        pool,
+        cpu_count=params["cpu_count"] if params["cpu_ids"] is None else None,
+        cpu_ids=params["cpu_ids"],
+        memory_mib=params["memory_mib"],
+        enclave_cid=params["enclave_cid"],
+        others=[r for r in others if r.get("State") != "EMPTY"],
+    )
+    if problems:
+        module.fail_json(
+            msg="; ".join(problems) + ". Nothing was changed (the running enclave, if any, keeps its configuration)",
+            problems=problems,
+            pool={"cpu_ids": list(pool.cpus), "memory_mib": pool.memory_mib, "source": pool.source},
+        )
+
+
+def read_before(module: AnsibleModule, path: str) -> str | None:
+    """The current run configuration's text (bytes decoded; a non-UTF-8 file is replaced with a warning)."""
+    try:
+        # O_NONBLOCK: a FIFO in its place must not hang the run; it is refused below like any non-file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        module.fail_json(msg=f"config_path {path}: cannot read it: {exc.strerror}")
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            module.fail_json(msg=f"config_path {path} is not a regular file; remove it or choose another path")
+        data = handle.read(MAX_RUN_CONFIG_BYTES + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        module.warn(f"config_path {path} is not UTF-8 text (byte offset {exc.start}: {exc.reason}); replacing it")
+        return data.decode("utf-8", errors="replace")
+
+
 def configure(module: AnsibleModule) -> None:
-    """state=configured: write the run configuration atomically (check/diff mode, backup); no nitro-cli."""
+    """state=configured: write the run configuration atomically (check/diff mode, backup); no nitro-cli
+    except describe-enclaves for the pool check."""
     params = module.params
     path = params["config_path"]
     try:
-        check_memory(module, os.stat(params["eif_path"]).st_size)
-    except OSError as exc:
-        module.fail_json(msg=f"eif_path {params['eif_path']}: {exc.strerror}")
+        with open_regular(params["eif_path"]) as image:
+            check_memory(module, os.fstat(image.fileno()).st_size)
+    except EifError as exc:
+        module.fail_json(msg=f"eif_path {params['eif_path']}: {exc}")
+    check_pool(module, None)
     text = render_run_config(params, expected_measurements(module))
-    try:
-        with open(path, encoding="utf-8") as handle:
-            before: str | None = handle.read()
-    except FileNotFoundError:
-        before = None
-    except OSError as exc:
-        module.fail_json(msg=f"config_path {path}: cannot read it: {exc.strerror}")
+    before = read_before(module, path)
     result: dict[str, Any] = {"changed": before != text, "config": json.loads(text), "path": path}
     if result["changed"] and module._diff:
         result["diff"] = {"before": before or "", "after": text, "before_header": path, "after_header": path}
@@ -378,6 +412,7 @@ def main() -> None:
             lock_file=dict(type="path"),
             lock_timeout=dict(type="int", default=300),
             nitro_cli_path=dict(type="path"),
+            sysfs_root=dict(type="path", default="/", fallback=(env_fallback, ["NITRO_EMULATOR_SYSFS_ROOT"])),
         ),
         mutually_exclusive=[("cpu_count", "cpu_ids")],
         required_if=[
@@ -405,6 +440,8 @@ def main() -> None:
         cli = NitroCli(params["nitro_cli_path"], timeout=params["timeout"])
     except NitroCliError as exc:
         module.fail_json(msg=str(exc))
+    if state != "absent":
+        check_pool(module, cli)
 
     try:
         if module.check_mode:

@@ -24,8 +24,14 @@ from .enclave_spec import MIN_MEMORY_MIB
 
 DEFAULT_CONFIG_PATH = "/etc/nitro_enclaves/allocator.yaml"
 KNOWN_KEYS = ("memory_mib", "cpu_count", "cpu_pool")
+# allocator.yaml is a few lines; anything this large is not one (and is not read whole).
+MAX_CONFIG_BYTES = 1 << 20
 # The driver's ne_cpus parameter is at most 512 characters.
 MAX_CPU_POOL_CHARS = 512
+# The kernel's largest NR_CPUS (CONFIG_MAXSMP): no host has a CPU id above this, so no list expands past it.
+MAX_CPU_ID = 8191
+# A sysfs cpu-list of every CPU of the largest kernel is well under this; longer text is refused unparsed.
+MAX_CPU_LIST_CHARS = 65536
 
 
 class AllocatorConfigError(ValueError):
@@ -61,21 +67,32 @@ class AllocatorConfig:
 # cpu-list syntax (kernel bitmap list format, as in ne_cpus and sysfs *list files)
 
 
-def parse_cpu_list(text: str) -> list[int]:
-    """``"2,3,6-9"`` -> ``[2, 3, 6, 7, 8, 9]`` (sorted, unique). Raises CpuListError."""
-    cpus: set[int] = set()
+def parse_cpu_list(text: str, max_cpu: int = MAX_CPU_ID, hint: str = "") -> list[int]:
+    """``"2,3,6-9"`` -> ``[2, 3, 6, 7, 8, 9]`` (sorted, unique). Raises CpuListError.
+
+    Ranges stay ranges until every bound is checked against `max_cpu` (the host's highest CPU, or the
+    kernel's limit), so ``0-1000000000`` is refused without expanding it. `hint` ends that message
+    (e.g. the host's online CPUs)."""
     stripped = text.strip()
     if not stripped:
         raise CpuListError("empty CPU list")
+    if len(stripped) > MAX_CPU_LIST_CHARS:
+        raise CpuListError(f"CPU list of {len(stripped)} characters is longer than {MAX_CPU_LIST_CHARS}")
+    ranges: list[tuple[int, int]] = []
     for part in stripped.split(","):
         item = part.strip()
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        match = re.fullmatch(r"(\d{1,12})(?:-(\d{1,12}))?", item)
         if not match:
-            raise CpuListError(f"'{item}' in '{stripped}' is not a CPU number or range like 6-9")
+            raise CpuListError(f"'{item[:40]}' in '{stripped[:80]}' is not a CPU number or range like 6-9")
         start = int(match.group(1))
         end = int(match.group(2)) if match.group(2) is not None else start
         if end < start:
-            raise CpuListError(f"range '{item}' in '{stripped}' ends before it starts")
+            raise CpuListError(f"range '{item}' in '{stripped[:80]}' ends before it starts")
+        if end > max_cpu:
+            raise CpuListError(f"'{item}' names CPU {end}, above the highest CPU {max_cpu}{hint}")
+        ranges.append((start, end))
+    cpus: set[int] = set()
+    for start, end in ranges:  # each bounded by max_cpu, so the set is too
         cpus.update(range(start, end + 1))
     return sorted(cpus)
 
@@ -128,6 +145,28 @@ def parse_raw(text: str, path: str = DEFAULT_CONFIG_PATH) -> dict[str, str]:
     return values
 
 
+def read_config_text(path: str) -> str | None:
+    """allocator.yaml's text, None when absent; AllocatorConfigError naming the file when it is not text.
+
+    Read as bytes and decoded here so a stray byte is reported with its offset, not as a traceback."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AllocatorConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AllocatorConfigError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes: not an allocator config")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AllocatorConfigError(
+            f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} ({exc.reason}); "
+            "fix or remove the file"
+        ) from None
+
+
 def parse_allocator_yaml(text: str, path: str = DEFAULT_CONFIG_PATH) -> AllocatorConfig:
     """Parse allocator.yaml like the real service; raise AllocatorConfigError with its message."""
     values = parse_raw(text, path)
@@ -138,11 +177,11 @@ def parse_allocator_yaml(text: str, path: str = DEFAULT_CONFIG_PATH) -> Allocato
     if values.get("cpu_count") and values.get("cpu_pool"):
         raise AllocatorConfigError("Config error: `cpu_count` conflicts with `cpu_pool`.")
     memory = values["memory_mib"]
-    if not re.fullmatch(r"[0-9]+", memory):
+    if not re.fullmatch(r"[0-9]{1,18}", memory):
         raise AllocatorConfigError(f"The needed memory amount ({memory}) is invalid.")
     if "cpu_count" in values:
         count = values["cpu_count"]
-        if not re.fullmatch(r"[0-9]+", count):
+        if not re.fullmatch(r"[0-9]{1,18}", count):
             raise AllocatorConfigError(f"The CPU count value ({count}) is invalid.")
         return AllocatorConfig(memory_mib=int(memory), cpu_count=int(count))
     try:
@@ -172,9 +211,10 @@ def render_allocator_yaml(config: AllocatorConfig, header: str | None = None) ->
 # Host topology (sysfs + meminfo; `root` lets tests point at a fake tree)
 
 
-def _read(root: str, relative: str) -> str:
-    with open(os.path.join(root, relative.lstrip("/")), encoding="ascii") as handle:
-        return handle.read().strip()
+def read_sysfs(root: str, relative: str) -> str:
+    # Bytes, bounded: a sysfs file is short ASCII; anything else then fails to parse as a CPU list.
+    with open(os.path.join(root, relative.lstrip("/")), "rb") as handle:
+        return handle.read(MAX_CPU_LIST_CHARS + 1).decode("ascii", errors="replace").strip()
 
 
 @dataclass
@@ -189,11 +229,12 @@ class HostTopology:
 
     @classmethod
     def from_sysfs(cls, root: str = "/") -> HostTopology:
-        online = parse_cpu_list(_read(root, "sys/devices/system/cpu/online"))
+        online = parse_cpu_list(read_sysfs(root, "sys/devices/system/cpu/online"))
         siblings: dict[int, list[int]] = {}
         for cpu in online:
             try:
-                group = parse_cpu_list(_read(root, f"sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"))
+                siblings_file = f"sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+                group = parse_cpu_list(read_sysfs(root, siblings_file))
             except (OSError, CpuListError):
                 group = [cpu]
             siblings[cpu] = [c for c in group if c in online] or [cpu]
@@ -202,8 +243,7 @@ class HostTopology:
         for node_dir in sorted(node_dirs, key=lambda d: int(os.path.basename(d)[4:])):
             node = int(os.path.basename(node_dir)[4:])
             try:
-                with open(os.path.join(node_dir, "cpulist"), encoding="ascii") as handle:
-                    text = handle.read().strip()
+                text = read_sysfs(node_dir, "cpulist")
             except OSError:
                 continue
             cpus = [c for c in parse_cpu_list(text) if c in online] if text else []
@@ -273,7 +313,7 @@ def _meminfo(root: str) -> dict[str, int]:
     """/proc/meminfo values in kB (HugePages_* are page counts)."""
     out: dict[str, int] = {}
     try:
-        text = _read(root, "proc/meminfo")
+        text = read_sysfs(root, "proc/meminfo")
     except OSError:
         return out
     for line in text.splitlines():

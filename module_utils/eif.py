@@ -683,6 +683,27 @@ def _read_exact(handle: BinaryIO, size: int, what: str) -> bytes:
     return data
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open an EIF for reading, refusing anything but a regular file (EifError) before reading a byte.
+
+    O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever; it changes nothing for files."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise EifError(f"cannot open EIF {path}: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+        raise EifError(f"{path} is not a regular file ({kind}): an EIF must be one")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def read_eif(
     path: str | os.PathLike[str],
     *,
@@ -697,14 +718,9 @@ def read_eif(
     file_digest: also compute the SHA-384 of the whole file (the measurements artifact's EifSha384).
     """
     path = Path(path)
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed in finally
-    except OSError as exc:
-        raise EifError(f"cannot open EIF {path}: {exc.strerror or exc}") from None
+    handle = open_regular(path)
     try:
         file_size = os.fstat(handle.fileno()).st_size
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise EifError(f"{path} is not a regular file")
         measurer = _Measurer(_use_parallel(parallel, file_size), file_digest)
         try:
             image = _walk(path, handle, file_size, measurer)

@@ -75,6 +75,109 @@ def invalid_pcrs(values: dict[str, Any]) -> list[str]:
     return [key for key, value in values.items() if not (isinstance(value, str) and _HEX_PCR.fullmatch(value))]
 
 
+# Realistic ceilings, so a typo (an extra digit, 2**63) is refused by name instead of reaching nitro-cli: the
+# largest EC2 instances (u7in-24tb.224xlarge, u-24tb1.metal) have 448 vCPUs and 24 TiB of memory.
+MAX_VCPUS = 448
+MAX_MEMORY_MIB = 24 * 1024 * 1024
+# nitro-cli refuses CIDs 0-3 (reserved, 3 = the parent) and u32::MAX and above (E03).
+MIN_CID, MAX_CID = 4, 2**32 - 2
+MAX_VSOCK_PORT = 2**32 - 2
+MAX_TIMEOUT = 86400  # a day: longer is a typo, and larger values overflow the timers underneath
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# nitro-cli's describe-eif Measurements keys (what nitro_eif returns): PCR0-2 are checked, the rest accepted.
+MEASUREMENT_KEYS = ("HashAlgorithm", "PCR0", "PCR1", "PCR2", "PCR8")
+
+
+def expected_measurements(given: Any) -> dict[str, str]:
+    """The PCR0-2 an EIF must measure, from the measurements option; ValueError names a bad key or value.
+
+    Keys are case-sensitive and unknown ones are refused: a dropped ``pcr0`` would silently turn image
+    pinning off."""
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise ValueError(f"measurements must be a dict of PCRn to hex, got {type(given).__name__}")
+    unknown = [key for key in given if key not in MEASUREMENT_KEYS]
+    if unknown:
+        shown = ", ".join(repr(str(key)[:40]) for key in unknown[:5])
+        raise ValueError(
+            f"measurements key(s) {shown} not allowed: use {', '.join(MEASUREMENT_KEYS)} (case-sensitive; "
+            "PCR0, PCR1 and PCR2 are checked, the others accepted as nitro_eif returns them)"
+        )
+    bad = invalid_pcrs({key: value for key, value in given.items() if key != "HashAlgorithm"})
+    if bad:
+        raise ValueError(f"measurements {', '.join(bad)}: expected 96 hexadecimal characters (a SHA-384)")
+    return {pcr: str(value) for pcr, value in given.items() if pcr in RUN_CONFIG_PCRS}
+
+
+def _bounded(name: str, value: Any, low: int, high: int, why: str = "") -> str | None:
+    if value is None or low <= value <= high:
+        return None
+    return f"{name} {value} is not allowed: use {low} to {high}{why}"
+
+
+def argument_problem(params: dict[str, Any]) -> str | None:
+    """The first nitro_enclave argument that breaks a rule, as a message naming it and what is allowed."""
+    name = params["name"]
+    if not NAME_RE.fullmatch(name):
+        return (
+            f"name {name[:80]!r} is not allowed: use letters, digits, '.', '_' and '-', starting with a letter "
+            "or digit, at most 64 characters"
+        )
+    for option, high in (("timeout", MAX_TIMEOUT), ("lock_timeout", MAX_TIMEOUT)):
+        problem = _bounded(option, params.get(option), 0, high, " seconds")
+        if problem:
+            return problem
+    if params["state"] == "absent":
+        return None
+    # An explicit null passes the argument spec's required_if; nothing below may meet a None.
+    for option in ("eif_path", "memory_mib", *(("config_path",) if params["state"] == "configured" else ())):
+        if option in params and params[option] is None:
+            return f"{option} must not be null with state={params['state']}"
+    if params["cpu_count"] is None and params["cpu_ids"] is None:
+        return f"cpu_count or cpu_ids must be given (not null) with state={params['state']}"
+    try:
+        expected_measurements(params["measurements"])
+    except ValueError as exc:
+        return str(exc)
+    memory = params["memory_mib"]
+    if memory < MIN_MEMORY_MIB:
+        return f"memory_mib {memory} is below the minimum enclave memory of {MIN_MEMORY_MIB} MiB"
+    if memory > MAX_MEMORY_MIB:
+        return f"memory_mib {memory} is above {MAX_MEMORY_MIB} MiB (24 TiB, the largest EC2 instance's memory)"
+    count = params["cpu_count"]
+    if count is not None and count <= 0:
+        return f"cpu_count {count} must be greater than 0"
+    if count is not None and count > MAX_VCPUS:
+        return f"cpu_count {count} is above {MAX_VCPUS} (the largest EC2 instance's vCPUs); use 1 to {MAX_VCPUS}"
+    ids = params["cpu_ids"]
+    if ids is not None:
+        shown = str(ids) if len(ids) <= 16 else f"{str(ids[:16])[:-1]}, ...]"
+        if not ids:
+            return "cpu_ids is empty; give at least one CPU id (or use cpu_count)"
+        if any(cpu < 0 for cpu in ids):
+            return f"cpu_ids {shown} has a negative CPU id"
+        if any(cpu >= MAX_VCPUS for cpu in ids):
+            return f"cpu_ids {shown} has a CPU id above {MAX_VCPUS - 1}: the largest EC2 instance has {MAX_VCPUS} vCPUs"
+        if len(set(ids)) != len(ids):
+            return f"cpu_ids {shown} names a CPU more than once"
+    cid = params["enclave_cid"]
+    if cid is not None and not MIN_CID <= cid <= MAX_CID:
+        return (
+            f"enclave_cid {cid} is not allowed: CIDs 0-2 are reserved, 3 is the parent instance; "
+            f"use {MIN_CID} to {MAX_CID}"
+        )
+    wait = params.get("wait_for")
+    if wait is not None:
+        if not 1 <= wait["port"] <= MAX_VSOCK_PORT:
+            return f"wait_for.port {wait['port']} is not a vsock port (1 to {MAX_VSOCK_PORT})"
+        if wait["timeout"] < 0:
+            return f"wait_for.timeout {wait['timeout']} must not be negative"
+        if wait["timeout"] > MAX_TIMEOUT:
+            return f"wait_for.timeout {wait['timeout']} is above {MAX_TIMEOUT} seconds"
+    return None
+
+
 def render_run_config(params: dict[str, Any], measurements: dict[str, str]) -> str:
     """The run configuration of a spec (module option names), as JSON text with sorted keys."""
     config = {

@@ -24,6 +24,7 @@ from nitro_module_utils.allocator import (
     HostTopology,
     format_cpu_list,
     parse_allocator_yaml,
+    read_config_text,
     validate,
 )
 
@@ -75,9 +76,11 @@ def compute_pool(text: str, path: str, topology: HostTopology) -> dict[str, Any]
 def allocator_apply(args: argparse.Namespace) -> int:
     path = state.allocator_config_path()
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        return _fail(f"Could not read {path}: {exc.strerror or exc}")
+        text = read_config_text(str(path))
+    except AllocatorConfigError as exc:
+        return _fail(str(exc))
+    if text is None:
+        return _fail(f"Could not read {path}: No such file or directory")
     try:
         topology = HostTopology.from_sysfs(state.sysfs_root())
     except (OSError, ValueError) as exc:

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nitro_module_utils.enclave_pool import EMULATOR_POOL_FILE
+
 DEFAULT_SOCKETS_DIR = "/run/nitro_enclaves"
 DEFAULT_VSOCK_DIR = "/run/nitro_enclaves/vsock"
 DEFAULT_HOME = "/var/lib/nitro-emulator"
@@ -62,7 +64,8 @@ def rootfs_cache_dir() -> Path:
 
 
 def allocator_state_path() -> Path:
-    return emulator_home() / "allocator.json"
+    # The nitro_enclave module reads the same record (nitro_module_utils.enclave_pool) to check an enclave fits.
+    return emulator_home() / EMULATOR_POOL_FILE
 
 
 def instance_id() -> str:

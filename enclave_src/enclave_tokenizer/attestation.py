@@ -445,6 +445,9 @@ def _as_utc(at: dt.datetime | None) -> dt.datetime:
     return at.replace(tzinfo=dt.UTC) if at.tzinfo is None else at.astimezone(dt.UTC)
 
 
+MAX_MEASUREMENTS_LEN = 1 << 20
+
+
 def pcrs_from_measurements(measurements: Mapping[str, Any] | str | Path) -> dict[int, str]:
     """Expected PCRs from an EIF measurements artifact (``<eif>.measurements.json``), nitro-cli JSON, or
     an enclave run configuration.
@@ -455,9 +458,18 @@ def pcrs_from_measurements(measurements: Mapping[str, Any] | str | Path) -> dict
     obj: Any = measurements
     try:
         if isinstance(measurements, Path):
-            obj = json.loads(measurements.read_text())
+            with open(measurements, "rb") as handle:  # bytes, bounded: the artifact is a few hundred bytes
+                data = handle.read(MAX_MEASUREMENTS_LEN + 1)
+            if len(data) > MAX_MEASUREMENTS_LEN:
+                raise AttestationError("input", f"measurements larger than {MAX_MEASUREMENTS_LEN} bytes")
+            obj = json.loads(data.decode("utf-8"))
         elif isinstance(measurements, str):
             obj = json.loads(measurements)
+    except UnicodeDecodeError as exc:
+        reason = f"measurements not UTF-8 text (byte offset {exc.start}: {exc.reason})"
+        raise AttestationError("input", reason) from None
+    except RecursionError:  # json recurses per nesting level; a hostile file nests thousands deep
+        raise AttestationError("input", "measurements nested too deeply to be an EIF measurements artifact") from None
     except (OSError, ValueError) as exc:
         raise AttestationError("input", f"measurements unreadable: {exc}") from None
     table = (obj.get("Measurements") or obj.get("measurements")) if isinstance(obj, Mapping) else None

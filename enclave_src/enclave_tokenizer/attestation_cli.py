@@ -32,6 +32,7 @@ EXIT_INVALID = 1
 EXIT_USAGE = 2
 # base64 of a maximal document plus generous whitespace; anything bigger is refused before decoding.
 MAX_INPUT = MAX_DOCUMENT_LEN * 2
+MAX_ROOT_LEN = 1 << 20  # a root certificate PEM is under 1 KiB
 
 
 class _UsageError(Exception):
@@ -113,9 +114,13 @@ def _read_roots(paths: Sequence[Path] | None) -> list[bytes] | None:
     roots = []
     for path in paths:
         try:
-            roots.append(path.read_bytes())
+            with open(path, "rb") as handle:
+                pem = handle.read(MAX_ROOT_LEN + 1)
         except OSError as exc:
             raise _UsageError(f"cannot read root {path}: {exc.strerror}") from None
+        if len(pem) > MAX_ROOT_LEN:
+            raise _UsageError(f"root {path} is larger than {MAX_ROOT_LEN} bytes: not a PEM certificate")
+        roots.append(pem)
     return roots
 
 

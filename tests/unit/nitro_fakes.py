@@ -215,6 +215,9 @@ class FakeHost:
         monkeypatch.setenv("FAKE_DOCKER_IMAGES", str(self.images))
         monkeypatch.setenv("NITRO_CLI_SOCKETS_PATH", str(self.sockets))
         monkeypatch.setenv("NITRO_VSOCK_DIR", str(tmp_path / "vsock"))
+        # The emulated allocator's pool record (none until a test writes one): never the machine's own.
+        self.emulator_home = tmp_path / "emulator-home"
+        monkeypatch.setenv("NITRO_EMULATOR_HOME", str(self.emulator_home))
         monkeypatch.delenv("NITRO_CLI_BIN", raising=False)
         monkeypatch.delenv("FAKE_NITRO_FAIL", raising=False)
         monkeypatch.delenv("FAKE_NITRO_KERNEL", raising=False)

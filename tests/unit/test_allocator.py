@@ -18,6 +18,7 @@ from nitro_module_utils.allocator import (
     parse_allocator_yaml,
     parse_cpu_list,
     parse_raw,
+    read_config_text,
     render_allocator_yaml,
     validate,
 )
@@ -56,6 +57,28 @@ def test_parse_cpu_list(text: str, cpus: list[int]) -> None:
 def test_parse_cpu_list_rejects(text: str) -> None:
     with pytest.raises(CpuListError):
         parse_cpu_list(text)
+
+
+def test_parse_cpu_list_bounds_ranges_before_expanding() -> None:
+    # Would be a billion-element set if the range were expanded before its bound is checked.
+    with pytest.raises(CpuListError, match=r"'0-1000000000' names CPU 1000000000, above the highest CPU 7 on it"):
+        parse_cpu_list("0-1000000000", 7, " on it")
+    with pytest.raises(CpuListError, match="above the highest CPU 8191"):
+        parse_cpu_list("1-99999999999")  # the kernel's limit when no host is given
+    with pytest.raises(CpuListError, match="longer than 65536"):
+        parse_cpu_list("1," * 40000)
+    assert parse_cpu_list("0-7,0-7,3", 7) == list(range(8))
+
+
+def test_config_text_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "allocator.yaml"
+    path.write_bytes(b"---\nmemory_mib: 512\ncpu_count: \xff2\n")
+    with pytest.raises(AllocatorConfigError, match=rf"{path} is not UTF-8 text: byte 0xff at offset 31"):
+        read_config_text(str(path))
+    assert read_config_text(str(tmp_path / "absent.yaml")) is None
+    path.write_bytes(b"---\ncpu_pool: 0-1000000000\nmemory_mib: 512\n")
+    with pytest.raises(AllocatorConfigError, match=r"The CPU pool value \(0-1000000000\) is invalid: .*8191"):
+        parse_allocator_yaml(path.read_text(), str(path))
 
 
 def test_format_cpu_list() -> None:

@@ -161,3 +161,25 @@ def test_measurements_option(tmp_path: Path) -> None:
     proc = run("verify", str(doc_file), "--root", str(root), "--measurements", str(good), "--pcr", "0=" + "aa" * 48)
     assert proc.returncode == 2
     assert run("verify", str(doc_file), "--measurements", str(tmp_path / "absent.json")).returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "measurements nested too deeply to be an EIF measurements artifact"),
+        (b'{"Measurements": {"PCR0": "\xff"}}', "measurements not UTF-8 text (byte offset 27: invalid start byte)"),
+        (b"{" + b" " * (2 << 20) + b"}", "measurements larger than 1048576 bytes"),
+    ],
+)
+def test_hostile_measurements_are_usage_errors(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "m.json"
+    path.write_bytes(content)
+    proc = run("verify", str(B64_FILE), "--measurements", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"nitro-attest: {path}: {message}"
+
+
+def test_endless_root_file_is_bounded() -> None:
+    proc = run("verify", str(B64_FILE), "--root", "/dev/zero")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "nitro-attest: root /dev/zero is larger than 1048576 bytes: not a PEM certificate"

@@ -12,6 +12,8 @@ import os
 import random
 import stat
 import struct
+import subprocess
+import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -398,8 +400,10 @@ def test_bad_crc_raises_or_reports(example: Path) -> None:
 def test_unreadable_paths(tmp_path: Path) -> None:
     with pytest.raises(eif.EifError, match="cannot open"):
         eif.read_eif(tmp_path / "missing.eif")
-    with pytest.raises(eif.EifError, match="cannot"):
+    with pytest.raises(eif.EifError, match=r"is not a regular file \(a directory\)"):
         eif.read_eif(tmp_path)
+    with pytest.raises(eif.EifError, match=r"/dev/zero is not a regular file \(a character device\)"):
+        eif.read_eif("/dev/zero")
 
 
 def test_fifo_is_not_read(tmp_path: Path) -> None:
@@ -412,6 +416,18 @@ def test_fifo_is_not_read(tmp_path: Path) -> None:
             eif.read_eif(fifo)
     finally:
         os.close(writer)
+
+
+def test_fifo_without_writer_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    # No writer: a plain open() would block forever. In a child process, so a regression fails, not hangs.
+    code = (
+        f"from nitro_module_utils import eif\ntry:\n    eif.read_eif({str(fifo)!r})\n"
+        "except eif.EifError as e:\n    print(e)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    assert "is not a regular file (a FIFO)" in done.stdout
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -254,6 +254,27 @@ def test_invalid_existing_file_is_replaced_with_a_warning(capsys: pytest.Capture
     assert parse_allocator_yaml(env.config.read_text()).memory_mib == 512
 
 
+def test_huge_cpu_range_is_refused_before_expanding(capsys: pytest.CaptureFixture[str], env: Env) -> None:
+    for check in (True, False):
+        args = {k: v for k, v in env.args(cpu_pool="0-1000000000", _ansible_check_mode=check).items()}
+        del args["cpu_count"]
+        result = run(capsys, args)
+        assert result["failed"] is True
+        assert "cpu_pool '0-1000000000' is not a CPU list: '0-1000000000' names CPU 1000000000" in result["msg"]
+        assert "above the highest CPU 7 this host has (online: 0-7)" in result["msg"]
+    assert not env.config.exists() and env.allocator_calls() == []
+
+
+def test_existing_file_not_utf8_fails_naming_it(capsys: pytest.CaptureFixture[str], env: Env) -> None:
+    env.config.write_bytes(b"---\nmemory_mib: 5\xe912\ncpu_count: 2\n")
+    before = env.config.read_bytes()
+    result = run(capsys, env.args())
+    assert result["failed"] is True
+    assert result["msg"].startswith(f"{env.config} is not UTF-8 text: byte 0xe9 at offset 17")
+    assert "Traceback" not in json.dumps(result)
+    assert env.config.read_bytes() == before and env.allocator_calls() == []
+
+
 def test_allocator_failure_is_reported(
     capsys: pytest.CaptureFixture[str], env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,6 +4,7 @@ nitro-cli: argument rules, idempotence on measurements/resources, check mode, di
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -359,7 +360,10 @@ def test_configured_writes_the_run_configuration(
     ("extra", "message"),
     [
         ({"memory_mib": 64, "size_pad": 20 << 20}, "memory_mib 64 is too small for"),
-        ({"eif_path": "/nonexistent.eif"}, "eif_path /nonexistent.eif: No such file or directory"),
+        (
+            {"eif_path": "/nonexistent.eif"},
+            "eif_path /nonexistent.eif: cannot open EIF /nonexistent.eif: No such",
+        ),
         ({"config_path": "/nonexistent-dir/tok.json"}, "the directory /nonexistent-dir does not exist"),
         ({"debug_mode": True}, "debug_mode: true refused"),
     ],
@@ -374,3 +378,215 @@ def test_configured_refuses_bad_input(
     assert result["failed"] is True
     assert message in result["msg"]
     assert not (tmp_path / "tok.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile input: bounds, measurement keys, EIF paths that are not files (issue 20)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"memory_mib": 2**63}, "memory_mib 9223372036854775808 is above 25165824 MiB (24 TiB"),
+        ({"cpu_count": 10**9}, "cpu_count 1000000000 is above 448 (the largest EC2 instance's vCPUs); use 1 to 448"),
+        ({"cpu_count": None, "cpu_ids": [2, 448]}, "cpu_ids [2, 448] has a CPU id above 447"),
+        ({"timeout": 10**12}, "timeout 1000000000000 is not allowed: use 0 to 86400 seconds"),
+        ({"wait_for": {"port": 5000, "timeout": 10**9}}, "wait_for.timeout 1000000000 is above 86400 seconds"),
+        ({"measurements": {"pcr0": "0" * 96}}, "measurements key(s) 'pcr0' not allowed: use HashAlgorithm, PCR0, PCR1"),
+        ({"measurements": {"PCR0": "0" * 96, "PCR3": "0" * 96}}, "key(s) 'PCR3' not allowed"),
+        ({"measurements": {"PCR8": "zz"}}, "measurements PCR8: expected 96 hexadecimal characters"),
+    ],
+)
+@pytest.mark.parametrize("state", ["running", "configured"])
+def test_bounds_and_measurement_keys(
+    capsys: pytest.CaptureFixture[str],
+    host: FakeHost,
+    eif: Path,
+    tmp_path: Path,
+    state: str,
+    extra: dict[str, Any],
+    message: str,
+) -> None:
+    config = tmp_path / "tok.json"
+    args = {k: v for k, v in base(eif, state=state, config_path=str(config), **extra).items() if v is not None}
+    result = run(capsys, **args)
+    assert result["failed"] is True
+    assert message in result["msg"]
+    assert host.calls() == [] and not config.exists()
+
+
+def test_nitro_eif_measurements_are_accepted_as_returned(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, eif: Path, tmp_path: Path
+) -> None:
+    given = {**pcrs(eif), "PCR8": "ab" * 48}  # HashAlgorithm and a signing PCR8, as nitro_eif returns them
+    assert "HashAlgorithm" in given
+    result = run(capsys, **base(eif, state="configured", config_path=str(tmp_path / "tok.json"), measurements=given))
+    assert result["changed"] is True
+    assert sorted(result["config"]["measurements"]) == ["PCR0", "PCR1", "PCR2"]
+
+
+def _not_files(tmp_path: Path) -> dict[str, Path]:
+    fifo = tmp_path / "fifo.eif"
+    os.mkfifo(fifo)
+    return {"directory": tmp_path, "character device": Path("/dev/zero"), "FIFO": fifo}
+
+
+@pytest.mark.timeout(60)  # a FIFO without a writer used to block here for ever
+@pytest.mark.parametrize("kind", ["directory", "character device", "FIFO"])
+@pytest.mark.parametrize(("state", "check"), [("configured", False), ("configured", True), ("running", False),
+                                              ("running", True)])  # fmt: skip
+def test_eif_path_must_be_a_regular_file(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, tmp_path: Path, kind: str, state: str, check: bool
+) -> None:
+    path = _not_files(tmp_path)[kind]
+    config = tmp_path / "tok.json"
+    args = {"name": "tok", "state": state, "eif_path": str(path), "cpu_count": 2, "memory_mib": 256}
+    result = run(capsys, **args, config_path=str(config), _ansible_check_mode=check)
+    assert result["failed"] is True
+    assert f"eif_path {path}: " in result["msg"] and f"is not a regular file (a {kind})" in result["msg"]
+    assert not config.exists() and host.calls() == []
+
+
+@pytest.mark.timeout(60)
+def test_nitro_eif_described_refuses_a_fifo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fifo = _not_files(tmp_path)["FIFO"]
+    result = run_module(load_module("nitro_eif"), {"path": str(fifo), "state": "described"}, capsys)
+    assert result["failed"] is True
+    assert result["msg"] == f"path {fifo}: {fifo} is not a regular file (a FIFO): an EIF must be one"
+
+
+def test_run_configuration_not_utf8_is_replaced_with_a_warning(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, eif: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "tok.json"
+    config.write_bytes(b'{"memory_mib": \xff}')
+    result = run(capsys, **base(eif, state="configured", config_path=str(config)))
+    assert result["changed"] is True
+    assert "is not UTF-8 text (byte offset 15: invalid start byte); replacing it" in json.dumps(result["warnings"])
+    assert json.loads(config.read_text())["memory_mib"] == 256
+
+
+# ---------------------------------------------------------------------------------------------
+# the allocator's pool is checked before anything changes (issue 15)
+
+
+def _pool(host: FakeHost, cpus: list[int], memory_mib: int) -> Path:
+    """The emulated allocator's record, as `nitro-cli-emulator allocator apply` writes it."""
+    host.emulator_home.mkdir(exist_ok=True)
+    record = host.emulator_home / "allocator.json"
+    record.write_text(json.dumps({"cpu_pool": cpus, "memory_mib": memory_mib, "mode": "cpu_pool"}))
+    return record
+
+
+def _other(host: FakeHost, cpus: list[int], memory_mib: int, cid: int) -> None:
+    other = {
+        "EnclaveName": "other",
+        "EnclaveID": "i-0000000000000000-enc9",
+        "EnclaveCID": cid,
+        "NumberOfCPUs": len(cpus),
+        "CPUIDs": cpus,
+        "MemoryMiB": memory_mib,
+        "State": "RUNNING",
+        "Flags": "NONE",
+    }
+    host.state.write_text(json.dumps({"enclaves": [other], "next": 10}))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"cpu_count": 4}, "cpu_count 4: the allocator's pool has 2 CPUs (cpu_pool 1,5, 512 MiB, from {record}); "
+         "raise the allocator's cpu_count (nitro_allocator_cpu_count) or lower cpu_count (nitro_enclave_cpu_count)"),
+        ({"memory_mib": 1024}, "memory_mib 1024: the allocator's pool has 512 MiB (cpu_pool 1,5, 512 MiB, from "
+         "{record}); raise the allocator's memory (nitro_allocator_min_memory_mib) or lower memory_mib"),
+        ({"cpu_count": None, "cpu_ids": [2, 6]}, "cpu_ids [2, 6]: CPU(s) 2,6 not in the allocator's pool (cpu_pool"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("check", [False, True])
+def test_configured_refuses_what_the_pool_cannot_hold(
+    capsys: pytest.CaptureFixture[str],
+    host: FakeHost,
+    eif: Path,
+    tmp_path: Path,
+    extra: dict[str, Any],
+    message: str,
+    check: bool,
+) -> None:
+    record = _pool(host, [1, 5], 512)
+    config = tmp_path / "tok.json"
+    good = base(eif, state="configured", config_path=str(config), backup=True)
+    assert run(capsys, **good)["changed"] is True  # fits: 2 CPUs, 256 MiB
+    before = config.read_bytes()
+    args = {k: v for k, v in {**good, **extra}.items() if v is not None}
+    result = run(capsys, **args, _ansible_check_mode=check)
+    assert result["failed"] is True
+    assert message.format(record=record) in result["msg"]
+    assert result["msg"].endswith("Nothing was changed (the running enclave, if any, keeps its configuration)")
+    assert result["pool"] == {"cpu_ids": [1, 5], "memory_mib": 512, "source": str(record)}
+    assert config.read_bytes() == before and sorted(p.name for p in tmp_path.glob("tok.json*")) == ["tok.json"]
+
+
+def test_other_enclaves_hold_part_of_the_pool(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, eif: Path, tmp_path: Path
+) -> None:
+    _pool(host, [1, 2, 5, 6], 512)
+    _other(host, [1, 5], 384, cid=16)
+    args = base(eif, state="configured", config_path=str(tmp_path / "tok.json"), memory_mib=128)
+    result = run(capsys, **{**args, "cpu_count": 4})
+    assert "cpu_count 4: the allocator's pool has 4 CPUs (cpu_pool 1-2,5-6, 512 MiB, from " in result["msg"]
+    assert "), 2 held by other (i-0000000000000000-enc9); raise" in result["msg"]
+    result = run(capsys, **{**args, "memory_mib": 256})
+    assert "memory_mib 256: the allocator's pool has 512 MiB (" in result["msg"]
+    assert ", 384 MiB held by running enclave(s); raise" in result["msg"]
+    result = run(capsys, **{**{k: v for k, v in args.items() if k != "cpu_count"}, "cpu_ids": [2, 5]})
+    assert "cpu_ids [2, 5]: CPU(s) 5 held by running enclave(s) other (i-0000000000000000-enc9)" in result["msg"]
+    result = run(capsys, **args, enclave_cid=16)
+    assert "enclave_cid 16 is used by running enclave other (i-0000000000000000-enc9); choose another" in result["msg"]
+    assert not (tmp_path / "tok.json").exists()
+    assert run(capsys, **args, enclave_cid=17)["changed"] is True  # 2 free CPUs, 128 of 128 MiB free
+
+
+def test_running_enclave_is_not_terminated_for_a_change_that_cannot_fit(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, eif: Path
+) -> None:
+    _pool(host, [1, 2], 512)
+    assert run(capsys, **base(eif))["changed"] is True  # the fake launches on CPUs 1-2
+    running = host.enclaves()
+    for check in (True, False):
+        result = run(capsys, **base(eif, cpu_count=4), _ansible_check_mode=check)
+        assert result["failed"] is True and result["msg"].startswith("cpu_count 4: the allocator's pool has 2 CPUs")
+    assert host.enclaves() == running
+    assert "terminate-enclave" not in host.subcommands()
+
+
+def test_real_host_pool_is_ne_cpus_and_hugepages(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, eif: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NITRO_EMULATED", "0")
+    sysfs = tmp_path / "sysfs"
+    params = sysfs / "sys/module/nitro_enclaves/parameters"
+    params.mkdir(parents=True)
+    (params / "ne_cpus").write_text("1,5\n")
+    for size, pages in (("2048kB", 64), ("1048576kB", 0)):
+        (sysfs / f"sys/kernel/mm/hugepages/hugepages-{size}").mkdir(parents=True)
+        (sysfs / f"sys/kernel/mm/hugepages/hugepages-{size}/nr_hugepages").write_text(f"{pages}\n")
+    args = base(eif, state="configured", config_path=str(tmp_path / "tok.json"), sysfs_root=str(sysfs))
+    result = run(capsys, **args)
+    assert result["failed"] is True
+    assert (
+        f"memory_mib 256: the allocator's pool has 128 MiB (cpu_pool 1,5, 128 MiB, from {params}/ne_cpus)"
+        in (result["msg"])
+    )
+    (params / "ne_cpus").write_text("\n")  # the allocator has not run: no pool to check against
+    assert run(capsys, **args)["changed"] is True
+
+
+@pytest.mark.timeout(60)
+def test_config_path_that_is_not_a_file_is_refused(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, eif: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "tok.json"
+    os.mkfifo(fifo)
+    result = run(capsys, **base(eif, state="configured", config_path=str(fifo)))
+    assert result["failed"] is True
+    assert result["msg"] == f"config_path {fifo} is not a regular file; remove it or choose another path"

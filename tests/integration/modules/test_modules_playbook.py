@@ -249,3 +249,49 @@ def test_modules_against_the_emulator(host: Host, app_dir: Path) -> None:
     assert host.emulator("describe-enclaves") == []
     shown = host.emulator("allocator", "show")
     assert shown["requested_memory_mib"] == 2048 and shown["cpu_ids"] == [1, 5]
+
+
+def test_enclave_change_the_pool_cannot_hold_changes_nothing(host: Host) -> None:
+    """Issue 15 through ansible-playbook: a too-large cpu_count or memory_mib fails naming the value and the
+    allocator's applied pool, and the run configuration the supervisor applies stays byte-identical."""
+    from tests.unit.nitro_fakes import make_eif
+
+    eif = host.root / "small.eif"
+    make_eif(eif, b"APP")  # only measured and sized here: state=configured never boots it
+    config = host.root / "enclaves" / "it-app.json"
+    config.parent.mkdir()
+
+    def configured(name: str, **extra: Any) -> dict[str, Any]:
+        args = {"name": "it-app", "state": "configured", "config_path": str(config), "eif_path": str(eif),
+                "cpu_count": 2, "memory_mib": 256, **extra}  # fmt: skip
+        return {"name": name, "nitro_enclave": args}
+
+    first = host.play(
+        [{"name": "allocate", "nitro_allocator": {"memory_mib": 512, "cpu_count": 2}}, configured("configure")]
+    )
+    assert first["allocate"].get("failed") is not True, first["allocate"]
+    assert first["configure"]["changed"] is True, first["configure"]
+    before = config.read_bytes()
+    record = host.root / "home" / "allocator.json"
+
+    refused = host.play(
+        [
+            configured("cpus", cpu_count=4),
+            {**configured("cpus in check mode", cpu_count=4), "check_mode": True},
+            configured("memory", memory_mib=1024),
+            {
+                "name": "running, check mode",
+                "nitro_enclave": {"name": "it-app", "eif_path": str(eif), "cpu_count": 4, "memory_mib": 256},
+                "check_mode": True,
+            },
+        ],
+        "--diff",
+    )
+    pool = f"(cpu_pool 1,5, 512 MiB, from {record})"
+    for name in ("cpus", "cpus in check mode", "running, check mode"):
+        result = refused[name]
+        assert result.get("failed") is True, (name, result)
+        assert result["msg"].startswith(f"cpu_count 4: the allocator's pool has 2 CPUs {pool}; raise "), result["msg"]
+    assert refused["memory"]["msg"].startswith(f"memory_mib 1024: the allocator's pool has 512 MiB {pool}; raise ")
+    assert config.read_bytes() == before
+    assert sorted(p.name for p in config.parent.iterdir()) == ["it-app.json"]  # no backup, no temp file
