@@ -23,6 +23,9 @@ description:
     the PCRs they pin in KMS key policies.
   - With O(state=described), reads any EIF with the project's EIF library, without nitro-cli or Docker, and
     returns its measurements and metadata (a controller can compute the PCRs to pin).
+  - An EIF built from nitro-cli-emulator's placeholder kernel and init (no E(NITRO_CLI_BLOBS)) boots only under
+    the emulator; R(placeholder_blobs) says so. With O(state=present) on a host that has C(/dev/nitro_enclaves)
+    such an EIF is refused (and a fresh one is not moved into place).
 version_added: "0.1.0"
 author:
   - nitro-enclaves-ansible authors
@@ -148,6 +151,10 @@ inputs:
   description: The build inputs record.
   returned: with O(state=present)
   type: dict
+placeholder_blobs:
+  description: Whether the EIF was built from nitro-cli-emulator's placeholder blobs (it boots only under the emulator).
+  returned: when the EIF exists
+  type: bool
 describe:
   description:
     - nitro-cli C(describe-eif)-shaped description (EifVersion, Measurements, IsSigned, CheckCRC, ImageName,
@@ -164,6 +171,7 @@ from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.eif import EifError, metadata_describe, read_eif
+from ansible.module_utils.eif_provenance import is_placeholder, require_runnable_here
 from ansible.module_utils.enclave_spec import min_memory_mib
 from ansible.module_utils.nitro_cli import NitroCli, NitroCliError
 
@@ -256,6 +264,7 @@ def described(module: AnsibleModule) -> None:
         eif_sha384=image.file_sha384,
         size=image.file_size,
         min_memory_mib=min_memory_mib(image.file_size),
+        placeholder_blobs=is_placeholder(image),
         describe=describe,
     )
 
@@ -367,6 +376,8 @@ def present(module: AnsibleModule) -> None:
             result["min_memory_mib"] = min_memory_mib(image.file_size)
         module.exit_json(**result)
 
+    if not build:
+        refuse_placeholder(module, image)
     if build:
         image = run_build(module, cli, inputs)
         if "docker_dir" in inputs or inputs.get("image_id") is None:
@@ -396,10 +407,19 @@ def present(module: AnsibleModule) -> None:
         eif_sha384=image.file_sha384,
         size=image.file_size,
         min_memory_mib=min_memory_mib(image.file_size),
+        placeholder_blobs=is_placeholder(image),
         image_digest=digest,
         inputs=inputs,
     )
     module.exit_json(**result)
+
+
+def refuse_placeholder(module: AnsibleModule, image: Any) -> None:
+    """On a Nitro host an EIF from the emulator's placeholder blobs is useless: fail, saying what to do."""
+    try:
+        require_runnable_here(image)
+    except EifError as exc:
+        module.fail_json(msg=f"path {module.params['path']}: {exc}", placeholder_blobs=True)
 
 
 def run_build(module: AnsibleModule, cli: NitroCli, inputs: dict[str, Any]) -> Any:
@@ -432,6 +452,7 @@ def run_build(module: AnsibleModule, cli: NitroCli, inputs: dict[str, Any]) -> A
             image = read_eif(tmp_eif, file_digest=True)
         except EifError as exc:
             module.fail_json(msg=f"nitro-cli build-enclave produced an unreadable EIF: {exc}")
+        refuse_placeholder(module, image)
         os.chmod(tmp_eif, 0o644)
         module.atomic_move(tmp_eif, path)
         image.path = path

@@ -238,6 +238,7 @@ from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule, env_fallback
 from ansible.module_utils.eif import EifError, open_regular, read_eif
+from ansible.module_utils.eif_provenance import require_runnable_here
 from ansible.module_utils.enclave_pool import enclave_pool_problems, read_applied_pool
 from ansible.module_utils.enclave_spec import (
     argument_problem,
@@ -291,6 +292,7 @@ def measure(module: AnsibleModule) -> dict[str, str]:
     path = module.params["eif_path"]
     try:
         image = read_eif(path)
+        require_runnable_here(image)  # a placeholder EIF never runs on a Nitro host
     except EifError as exc:
         module.fail_json(msg=f"eif_path {path}: {exc}")
     check_memory(module, image.file_size)

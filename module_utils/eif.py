@@ -73,6 +73,10 @@ PCR_ZERO = bytes(48)
 EMPTY_PCR = hashlib.sha384(PCR_ZERO + hashlib.sha384(b"").digest()).hexdigest()
 METADATA_KEYS = ("ImageName", "ImageVersion", "BuildMetadata", "DockerInfo", "CustomMetadata")
 BUILD_INFO_KEYS = ("BuildTime", "BuildTool", "BuildToolVersion", "OperatingSystem", "KernelVersion")
+# The emulator's extra BuildMetadata key: `true` when the EIF was built from its placeholder kernel/init,
+# which boot nowhere but under the emulator. nitro-cli's reader ignores unknown keys (EifBuildInfo has no
+# deny_unknown_fields: aws-nitro-enclaves-image-format src/defs/mod.rs @935dc62), so the EIF stays valid.
+PLACEHOLDER_BLOBS_KEY = "PlaceholderBlobs"
 
 _HEADER_STRUCT = struct.Struct(">4sHHQQHH32Q32QII")
 _SECTION_STRUCT = struct.Struct(">HHQ")
@@ -518,14 +522,19 @@ def make_metadata(
     build_info: Mapping[str, str],
     docker_info: Any = None,
     custom_metadata: Any = None,
+    *,
+    placeholder_blobs: bool = False,
 ) -> dict[str, Any]:
     missing = [k for k in BUILD_INFO_KEYS if k not in build_info]
     if missing:
         raise EifError(f"build info lacks {', '.join(missing)}")
+    build: dict[str, Any] = {k: build_info[k] for k in BUILD_INFO_KEYS}
+    if placeholder_blobs:
+        build[PLACEHOLDER_BLOBS_KEY] = True
     return {
         "ImageName": image_name,
         "ImageVersion": image_version,
-        "BuildMetadata": {k: build_info[k] for k in BUILD_INFO_KEYS},
+        "BuildMetadata": build,
         "DockerInfo": docker_info,
         "CustomMetadata": custom_metadata,
     }
@@ -542,7 +551,8 @@ def metadata_bytes(metadata: Mapping[str, Any]) -> bytes:
     ordered = {
         "ImageName": metadata["ImageName"],
         "ImageVersion": metadata["ImageVersion"],
-        "BuildMetadata": {k: build[k] for k in BUILD_INFO_KEYS},
+        # Declared fields first, in order, then the emulator's marker (serde writes declared fields only).
+        "BuildMetadata": {k: build[k] for k in (*BUILD_INFO_KEYS, PLACEHOLDER_BLOBS_KEY) if k in build},
         "DockerInfo": _sorted_json(metadata["DockerInfo"]),
         "CustomMetadata": _sorted_json(metadata["CustomMetadata"]),
     }
@@ -1110,12 +1120,23 @@ def _replace_name(entry: CpioEntry, name: str) -> CpioEntry:
     return replace(entry, name=name)
 
 
+# newc as linuxkit's cpio writer (surma/gocpio writer.go, vendored in linuxkit @3bf33c3a1) writes it, which
+# nitro-cli's ramdisks come from: lowercase hex, inodes from 721 (the trailer takes the next one), device
+# 3/1 on every member, the archive padded to 512 bytes after the trailer (nitro_emulator/README.md).
+CPIO_FIRST_INODE = 721
+CPIO_DEVICE = (3, 1)
+CPIO_END_ALIGN = 512
+# linuxkit's mtime for the members of a config's `files:` (moby/build/dir.go defaultModTime: 2017-04-18
+# 16:30:00 UTC): nitro-cli's bootstrap ramdisk (dev, init, nsm.ko) has it on every member.
+LINUXKIT_FILES_MTIME = 1492533000
+
+
 def _newc_header(ino: int, entry: CpioEntry, *, nlink: int, mtime: int, size: int, namesize: int) -> bytes:
-    values = (ino, entry.mode, entry.uid, entry.gid, nlink, mtime, size, 0, 0)
+    values = (ino, entry.mode, entry.uid, entry.gid, nlink, mtime, size, *CPIO_DEVICE)
     values += (entry.rdev_major, entry.rdev_minor, namesize, 0)
     if any(v < 0 or v > 0xFFFFFFFF for v in values):
         raise EifError(f"cpio entry {entry.name}: a field does not fit newc's 32 bits")
-    return b"070701" + "".join(f"{v:08X}" for v in values).encode("ascii")
+    return b"070701" + "".join(f"{v:08x}" for v in values).encode("ascii")
 
 
 def _pad4(length: int) -> bytes:
@@ -1123,7 +1144,7 @@ def _pad4(length: int) -> bytes:
 
 
 def write_cpio(entries: Iterable[CpioEntry], out: IO[bytes], *, mtime: int = 0) -> int:
-    """Write a deterministic newc archive: sorted members, inodes 1..n, fixed mtime. Returns bytes written."""
+    """Write a deterministic newc archive: sorted members, fixed mtime, gocpio's fields. Returns bytes written."""
     written = 0
     pending: list[bytes] = []
     pending_size = 0
@@ -1139,7 +1160,8 @@ def write_cpio(entries: Iterable[CpioEntry], out: IO[bytes], *, mtime: int = 0) 
             pending.clear()
             pending_size = 0
 
-    for ino, entry in enumerate(_complete_tree(entries), start=1):
+    ino = CPIO_FIRST_INODE - 1
+    for ino, entry in enumerate(_complete_tree(entries), start=CPIO_FIRST_INODE):
         name = _fsencode(entry.name) + b"\0"
         size = entry.file_size if stat.S_ISREG(entry.mode) or stat.S_ISLNK(entry.mode) else 0
         nlink = 2 if stat.S_ISDIR(entry.mode) else 1
@@ -1161,8 +1183,9 @@ def write_cpio(entries: Iterable[CpioEntry], out: IO[bytes], *, mtime: int = 0) 
         emit(_pad4(size))
     trailer = CpioEntry(name="TRAILER!!!", mode=0)
     name = b"TRAILER!!!\0"
-    head = _newc_header(0, trailer, nlink=1, mtime=0, size=0, namesize=len(name)) + name
+    head = _newc_header(ino + 1, trailer, nlink=1, mtime=0, size=0, namesize=len(name)) + name
     emit(head + _pad4(len(head)))
+    emit(b"\0" * (-written % CPIO_END_ALIGN))
     out.write(b"".join(pending))
     return written
 

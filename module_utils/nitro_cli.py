@@ -32,6 +32,8 @@ LOCK_NAME = ".ansible-launch.lock"
 # (tests, or a container that can see a host's /dev/nitro_enclaves but must not use it).
 BIN_ENV = "NITRO_CLI_BIN"
 EMULATED_ENV = "NITRO_EMULATED"
+# NITRO_ENCLAVES_DEVICE names another device path (tests: a stand-in file plays a Nitro host's device).
+DEVICE_ENV = "NITRO_ENCLAVES_DEVICE"
 EMULATOR_NAME = "nitro-cli-emulator"
 
 _ERROR_RE = re.compile(r"\[ E(\d+) \] (.*?)(?:\n\s*\nFor more details|\n\s*\nIf you open|\Z)", re.S)
@@ -84,12 +86,17 @@ def all_errors(stderr: str) -> list[tuple[int, str]]:
     return [(int(code), message.strip()) for code, message in _ERROR_RE.findall(stderr)]
 
 
-def is_emulated(device: str = DEVICE) -> bool:
+def device_path() -> str:
+    """The Nitro Enclaves device this host would have: $NITRO_ENCLAVES_DEVICE, else /dev/nitro_enclaves."""
+    return os.environ.get(DEVICE_ENV) or DEVICE
+
+
+def is_emulated(device: str | None = None) -> bool:
     """A host without the Nitro Enclaves device runs the emulator; NITRO_EMULATED overrides."""
     forced = os.environ.get(EMULATED_ENV)
     if forced is not None and forced.strip() != "":
         return forced.strip().lower() in ("1", "true", "yes")
-    return not os.path.exists(device)
+    return not os.path.exists(device or device_path())
 
 
 def find_emulator() -> str | None:

@@ -4,10 +4,12 @@ The EIF layout, ramdisk content and measurements are nitro-cli's; the EIF/PCR co
 `nitro_module_utils.eif` (the same file the Ansible modules use). Differences from nitro-cli, all for
 reproducibility (same Docker image content + same blobs => byte-identical EIF):
 
-- ramdisks are built by `eif.write_cpio` (sorted newc, mtimes 0), not by linuxkit; the application
-  ramdisk is gzip-compressed (mtime 0, no name), the bootstrap ramdisk is plain cpio;
+- ramdisks are built by `eif.write_cpio` (sorted newc with linuxkit's header fields), not by linuxkit;
+  the bootstrap ramdisk is linuxkit's byte for byte, the application ramdisk is gzip-compressed (mtime 0,
+  no name) with mtimes 0 (every difference, with its upstream source: nitro_emulator/README.md);
 - `BuildTime` is `SOURCE_DATE_EPOCH` when set, else the image's `Created` time (nitro-cli uses "now");
-- `DockerInfo` leaves out the host-local, volatile `Metadata` (LastTagTime) and `GraphDriver` keys.
+- `DockerInfo` leaves out the host-local, volatile `Metadata` (LastTagTime) and `GraphDriver` keys;
+- built from the stand-in blobs, `BuildMetadata` carries `"PlaceholderBlobs": true` (nitro-cli ignores it).
 
 Progress goes to stderr, the JSON result to stdout, failures raise NitroCliError (`[ Exx ]`, exit = E number).
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from nitro_module_utils import eif
+from nitro_module_utils.eif_provenance import blob_is_placeholder
 
 from .errors import NitroCliError
 
@@ -83,6 +86,11 @@ def _require_blob(blobs: Path, name: str) -> Path:
     if not path.is_file():
         raise NitroCliError(48, f"Required blob '{path}' is missing (NITRO_CLI_BLOBS={blobs}).")
     return path
+
+
+def placeholder_blobs(blobs: Path) -> bool:
+    """Whether any blob that goes into PCR1 is one of the emulator's stand-ins."""
+    return any(blob_is_placeholder(_require_blob(blobs, name)) for name in (kernel_name(), "init", "nsm.ko"))
 
 
 def artifacts_dir() -> Path:
@@ -456,10 +464,14 @@ def build_enclave(args: argparse.Namespace) -> int:
         build_info,
         docker_info_for_metadata(info),
         custom,
+        # Recorded so the modules and roles never send this EIF to a Nitro host (eif_provenance).
+        placeholder_blobs=placeholder_blobs(blobs),
     )
     with tempfile.TemporaryDirectory(prefix="build-", dir=artifacts) as tmp:
         work = Path(tmp)
-        boot = eif.write_ramdisk(bootstrap_entries(blobs), work / "bootstrap-initrd.img", compress=False)
+        boot = eif.write_ramdisk(
+            bootstrap_entries(blobs), work / "bootstrap-initrd.img", compress=False, mtime=eif.LINUXKIT_FILES_MTIME
+        )
         with exported_rootfs(uri, work) as tar:
             entries = rootfs_entries(tar)
             entries += [eif.file_entry("cmd", lines_file(cmd)), eif.file_entry("env", lines_file(env))]

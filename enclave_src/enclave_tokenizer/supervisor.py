@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from nitro_module_utils.eif import EifError, read_eif
+from nitro_module_utils.eif_provenance import require_runnable_here
 from nitro_module_utils.enclave_spec import differences, parse_run_config, unexpected_measurements
 from nitro_module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, vsock_connect
 
@@ -104,7 +105,9 @@ class Supervisor:
         """The EIF's PCRs, recomputed only when the file changed (a GiB EIF takes seconds to hash)."""
         key = (eif_path, eif_key)
         if self._measured is None or self._measured[0] != key:
-            self._measured = (key, dict(read_eif(eif_path).measurements))
+            image = read_eif(eif_path)
+            require_runnable_here(image)  # a placeholder EIF never runs on a Nitro host
+            self._measured = (key, dict(image.measurements))
         return self._measured[1]
 
     def check(self) -> str:

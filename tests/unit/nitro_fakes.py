@@ -174,7 +174,9 @@ elif cmd == "build-enclave":
     info = {"BuildTime": "1970-01-01T00:00:00+00:00", "BuildTool": "fake", "BuildToolVersion": "0",
             "OperatingSystem": "Linux", "KernelVersion": "4.14"}
     meta = make_metadata(opt("--name", "img"), opt("--version", "1.0"), info, None, custom)
-    pcrs = write_eif(opt("--output-file"), kernel=b"KERNEL", cmdline="console=ttyS0",
+    # FAKE_NITRO_KERNEL: e.g. the emulator's stand-in kernel (a placeholder EIF).
+    kernel = open(os.environ["FAKE_NITRO_KERNEL"], "rb").read() if os.environ.get("FAKE_NITRO_KERNEL") else b"KERNEL"
+    pcrs = write_eif(opt("--output-file"), kernel=kernel, cmdline="console=ttyS0",
                      ramdisks=[b"BOOT", images[uri].encode()], metadata=meta)
     sys.stderr.write("Enclave Image successfully created.\n")
     print(json.dumps({"Measurements": pcrs}, indent=2))
@@ -218,6 +220,7 @@ class FakeHost:
         monkeypatch.setenv("NITRO_EMULATOR_HOME", str(self.emulator_home))
         monkeypatch.delenv("NITRO_CLI_BIN", raising=False)
         monkeypatch.delenv("FAKE_NITRO_FAIL", raising=False)
+        monkeypatch.delenv("FAKE_NITRO_KERNEL", raising=False)
 
     def enclaves(self) -> list[dict[str, Any]]:
         if not self.state.exists():

@@ -1,8 +1,8 @@
 #!/bin/sh
 # Build the enclave's Docker image from the app and the wheelhouse, and create the EIF build directory.
 # Prints the image id, then "changed" or "unchanged": Docker's layer cache gives an unchanged context
-# the same image id.
-#   build-image.sh TAG APP_DIR WHEELHOUSE BUILD_DIR [--build-arg=KEY=VALUE ...]
+# the same image id. A remote build host gets both as one archive (APP_DIR = context.tar, WHEELHOUSE = -).
+#   build-image.sh TAG APP_DIR|CONTEXT_TAR WHEELHOUSE|- BUILD_DIR [--build-arg=KEY=VALUE ...]
 set -eu
 tag=$1 app=$2 wheelhouse=$3 build_dir=$4
 shift 4
@@ -13,9 +13,13 @@ before=$(docker image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
 # A scratch context per run: concurrent runs never share one.
 context=$(mktemp -d "${TMPDIR:-/tmp}/enclave-context.XXXXXX")
 trap 'rm -rf "$context"' EXIT
-mkdir "$context/wheels"
-cp -R "$app/." "$context/"
-cp "$wheelhouse"/*.whl "$context/wheels/"
+if [ "$wheelhouse" = - ]; then
+    tar -xf "$app" -C "$context"
+else
+    mkdir "$context/wheels"
+    cp -R "$app/." "$context/"
+    cp "$wheelhouse"/*.whl "$context/wheels/"
+fi
 find "$context" -name __pycache__ -prune -exec rm -rf {} +
 
 after=$(docker build --quiet --force-rm --tag "$tag" "$@" "$context")
