@@ -202,6 +202,6 @@ def capability_matches(secret: object, expected_digest: str | None) -> bool:
         return False
     try:
         digest = capability_digest(secret)
-    except UnicodeEncodeError:  # a lone surrogate from a JSON \\udxxx escape: not a secret anyone holds
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \udxxx escape: not a secret anyone holds
         return False
     return hmac.compare_digest(digest, expected_digest)
