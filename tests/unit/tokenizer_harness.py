@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,19 @@ class RunningServer:
 
     def stats(self) -> Any:
         return self.server.service.stats
+
+    def on_loop(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """``fn()`` run on the server's loop (its state is only consistent there)."""
+
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def held(self) -> tuple[int, int, int]:
+        """(input bytes held, output bytes held, connections): all 0 when no client is connected."""
+        server = self.server
+        return self.on_loop(lambda: (server.input_held, server.output_held, len(server.connections)))
 
 
 @contextmanager
