@@ -100,20 +100,3 @@ def docker_engine() -> str:
         pytest.fail("docker is not installed and this is not root: run `make setup` first")
     subprocess.run([str(REPO_ROOT / "scripts" / "base-images.sh")], check=True)
     return PYTHON_BASE_IMAGE
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Fuzz suites record their counts with ``record_property("fuzz", "<surface>: N tried, M clean")``;
-    they are printed after every run (whatever -s/-q), so `make test` shows them."""
-    lines = [
-        value
-        for reports in terminalreporter.stats.values()
-        for report in reports
-        if getattr(report, "when", None) == "call"
-        for key, value in getattr(report, "user_properties", ())
-        if key == "fuzz"
-    ]
-    if lines:
-        terminalreporter.section("fuzz counts")
-        for line in lines:
-            terminalreporter.write_line(str(line))
