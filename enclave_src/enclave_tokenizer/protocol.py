@@ -39,12 +39,39 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     return _pack(len(body)) + body
 
 
+class _NonFinite(ValueError):
+    """NaN, Infinity or a literal that overflows a double: not JSON numbers (RFC 8259 section 6)."""
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if value - value != 0.0:  # inf - inf is NaN; finite values give 0.0
+        raise _NonFinite(literal[:16])
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+# Python's json accepts NaN, Infinity and -Infinity and turns 1e999 into inf; the protocol does not.
+_decoder = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+
+
 def decode_message(body: bytes) -> dict[str, Any]:
     """JSON object of a frame body; anything else is a (non-fatal) ``bad_json``/``bad_request``."""
     try:
-        message = json.loads(body)
-    except (ValueError, RecursionError, UnicodeDecodeError):
-        # ValueError covers JSONDecodeError and over-long integer literals; RecursionError deep nesting.
+        # Strict UTF-8: json.loads(bytes) would also take UTF-16/32 and lone surrogates (surrogatepass).
+        message = _decoder.decode(body.decode("utf-8"))
+    except _NonFinite:
+        raise ProtocolError(
+            "bad_json", "non-finite numbers (NaN, Infinity, overflowing literals) are not JSON"
+        ) from None
+    except RecursionError:
+        # The C scanner counts nesting against the interpreter's recursion limit and unwinds cleanly.
+        raise ProtocolError("bad_json", "JSON nested too deeply") from None
+    except ValueError:
+        # JSONDecodeError, UnicodeDecodeError and over-long integer literals are all ValueErrors.
         raise ProtocolError("bad_json", "frame body is not valid UTF-8 JSON") from None
     if not isinstance(message, dict):
         raise ProtocolError("bad_request", "frame body must be a JSON object")

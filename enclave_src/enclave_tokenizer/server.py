@@ -6,7 +6,10 @@ in a worker thread and answer when done, so clients match responses by id.
 
 Hostile input: oversize frame -> error then close; malformed JSON / unknown op / bad fields -> error, the
 connection stays usable; slow or stuck clients -> a sweeper aborts connections past their deadline;
-too many connections -> ``busy`` then close. Nothing logged ever carries a PAN, token key or plaintext.
+too many connections -> ``busy`` then close. Memory is bounded for the enclave's size (see ServerConfig):
+a client that does not read its answers is no longer read, then dropped; unfinished input across all
+connections has one budget; attest/provision have a global cap. Nothing logged ever carries a PAN, token
+key or plaintext, and bad input never logs a traceback.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ log = logging.getLogger("enclave_tokenizer.server")
 APP_VERSION = "1.0.0"
 CAPABILITY_CONTEXT_KEY = "enclave-tokenizer:detokenize-capability-sha256"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_WRITE_HIGH_WATER = 1 << 20
 Handler = Callable[[dict[str, Any]], Any]
 
 
@@ -49,8 +51,17 @@ class ServerConfig:
     max_batch: int = 10_000
     max_connections: int = 4096
     idle_timeout: float = 300.0  # no frame started for this long -> close
-    frame_timeout: float = 10.0  # a started frame must complete within this
+    frame_timeout: float = 10.0  # a frame must complete within this of its first byte (absolute, not per byte)
     write_timeout: float = 10.0  # a client that stops reading is dropped after this
+    # Sized for the deployed enclave (192-224 MiB, interpreter ~40 MiB of it): answers waiting for one
+    # client past write_buffer_limit stop the server reading that client; all clients' unsent answers past
+    # output_budget get such a client dropped; all unfinished (or unread, paused) input past input_budget
+    # gets the connection that grew it answered `busy` and closed.
+    write_buffer_limit: int = 512 << 10
+    output_budget: int = 32 << 20
+    input_budget: int = 32 << 20
+    max_slow_ops: int = 8  # attest/provision in flight across connections; more are answered `busy`
+    max_slow_frame: int = 32 << 10  # an attest/provision request is a few KiB; bounds what waiting ones hold
     kms_timeout: float = 20.0
     proxy_cid: int = vsock.PARENT_CID
     proxy_port: int = kms.DEFAULT_PROXY_PORT
@@ -110,6 +121,9 @@ class Stats:
     connections: int = 0
     connections_total: int = 0
     rejected_busy: int = 0
+    dropped_deadline: int = 0  # idle, slowloris or not reading past write_timeout
+    dropped_not_reading: int = 0  # unsent answers past the output budget
+    dropped_input_budget: int = 0
     requests: int = 0
     errors: int = 0
     tokens: int = 0
@@ -133,8 +147,10 @@ def _str_field(request: dict[str, Any], name: str, required: bool = False, max_l
     value = request.get(name)
     if value is None and not required:
         return None
-    if not isinstance(value, str) or not value or len(value) > max_len:
-        raise RequestError("bad_request", f"'{name}' must be a non-empty string")
+    # Printable ASCII: these values go into KMS requests (headers, host names), where CR/LF, NUL or
+    # non-ASCII would be injection or an encoding failure deep in the HTTP stack.
+    if not isinstance(value, str) or not value or len(value) > max_len or not (value.isascii() and value.isprintable()):
+        raise RequestError("bad_request", f"'{name}' must be a non-empty string of printable ASCII, at most {max_len}")
     return value
 
 
@@ -215,7 +231,7 @@ class TokenizerService:
         if not protocol.valid_id(request_id):
             raise RequestError("bad_request", "'id' must be an integer or a string of at most 128 chars")
         version = request.get("v", protocol.PROTOCOL_VERSION)
-        if version != protocol.PROTOCOL_VERSION:
+        if version != protocol.PROTOCOL_VERSION or type(version) is not int:  # 1.0 and true equal 1
             raise _WithId(request_id, "unsupported_version", f"protocol version {protocol.PROTOCOL_VERSION} only")
         op = request.get("op")
         if not isinstance(op, str) or (op not in self.fast_ops and op not in self.slow_ops):
@@ -263,7 +279,7 @@ class TokenizerService:
 
     def op_tokenize(self, request: dict[str, Any]) -> dict[str, Any]:
         mode = request.get("mode", "opaque")
-        if mode not in MODES:
+        if type(mode) is not str or mode not in MODES:
             raise RequestError("bad_request", f"'mode' must be one of {', '.join(MODES)}")
         tokenizer = self._tokenizer()
         if request.get("key", "current") == "previous":
@@ -276,9 +292,10 @@ class TokenizerService:
         make = {"opaque": tokenizer.opaque, "fpe": tokenizer.fpe, "reversible": tokenizer.reversible}[mode]
         pans = self._batch(request, "pans")
         if pans is None:
-            if "pan" not in request:
-                raise RequestError("bad_request", "'pan' or 'pans' is required")
-            pan = normalize_pan(request["pan"])
+            pan = request.get("pan")
+            if type(pan) is not str:
+                raise RequestError("bad_request", "'pan' (a string of digits) or 'pans' (a list) is required")
+            pan = normalize_pan(pan)
             self.stats.tokens += 1
             return {"token": make(pan), "last_four": pan[-4:], "key_check": tokenizer.key_check}
         tokens: list[str | None] = []
@@ -302,13 +319,17 @@ class TokenizerService:
         tokenizer = self._tokenizer()
         if self.key.capability_sha256 is None:
             raise RequestError("forbidden", "detokenize is not enabled: no capability was provisioned")
-        if not capability_matches(request.get("capability"), self.key.capability_sha256):
+        capability = request.get("capability")
+        if capability is not None and type(capability) is not str:
+            raise RequestError("bad_request", "'capability' must be a string")
+        if not capability_matches(capability, self.key.capability_sha256):
             raise RequestError("forbidden", "a valid detokenize capability is required")
         tokens = self._batch(request, "tokens")
         if tokens is None:
-            if "token" not in request:
-                raise RequestError("bad_request", "'token' or 'tokens' is required")
-            pan, key_check = self._detokenize(tokenizer, request["token"])
+            token = request.get("token")
+            if type(token) is not str:
+                raise RequestError("bad_request", "'token' (a string) or 'tokens' (a list) is required")
+            pan, key_check = self._detokenize(tokenizer, token)
             return {"pan": pan, "last_four": pan[-4:], "key_check": key_check}
         pans: list[str | None] = []
         errors: list[dict[str, Any]] = []
@@ -353,6 +374,12 @@ class TokenizerService:
             "connections": self.stats.connections,
             "requests": self.stats.requests,
             "tokens": self.stats.tokens,
+            "dropped_connections": {
+                "deadline": self.stats.dropped_deadline,
+                "not_reading": self.stats.dropped_not_reading,
+                "input_budget": self.stats.dropped_input_budget,
+                "busy": self.stats.rejected_busy,
+            },
         }
 
     async def op_attest(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -550,13 +577,23 @@ def _decrypt_data_key(blob: bytes, context: dict[str, str] | None, params: dict[
 
 
 class _Connection(asyncio.Protocol):
+    """One client. Frames are answered in the order they arrive; while the client does not read its
+    answers, complete frames wait in ``backlog`` and the socket is not read (so a client can make the
+    server hold at most write_buffer_limit + one answer + one read of input)."""
+
     def __init__(self, server: TokenizerServer) -> None:
         self.server = server
         self.service = server.service
         self.decoder = protocol.FrameDecoder(server.config.max_frame)
         self.transport: asyncio.Transport | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.deadline = 0.0
+        self.tasks: set[asyncio.Task[dict[str, Any]]] = set()
+        self.backlog: list[bytes] = []
+        self.held = 0  # input bytes charged to server.input_held (partial frame + backlog)
+        self.unsent = 0  # output bytes charged to server.output_held (last sampled write buffer)
+        now = time.monotonic()
+        self.active_at = now  # last input: the idle deadline runs from here
+        self.frame_started = now  # first byte of the unfinished frame: its absolute deadline
+        self.paused_at = 0.0
         self.eof = False
         self.write_paused = False
 
@@ -570,99 +607,200 @@ class _Connection(asyncio.Protocol):
             transport.write(protocol.encode_frame(protocol.error(None, "busy", "too many connections")))
             transport.close()
             return
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        transport.set_write_buffer_limits(high=self.server.config.write_buffer_limit)
         self.server.connections.add(self)
         stats.connections += 1
         stats.connections_total += 1
-        self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self in self.server.connections:
             self.server.connections.discard(self)
             self.service.stats.connections -= 1
+        self._release()
         for task in self.tasks:
             task.cancel()
 
-    def _arm(self) -> None:
-        """Deadline for the current state: idle between frames, frame_timeout inside one."""
-        config = self.server.config
-        timeout = config.frame_timeout if self.decoder.pending else config.idle_timeout
-        if self.write_paused:
-            timeout = config.write_timeout
-        self.deadline = time.monotonic() + timeout
+    def _release(self) -> None:
+        """Give back this connection's share of the global budgets (it holds nothing any more)."""
+        self.backlog = []
+        self.decoder = protocol.FrameDecoder(self.server.config.max_frame)
+        self.server.input_held -= self.held
+        self.server.output_held -= self.unsent
+        self.held = self.unsent = 0
 
     def expired(self, now: float) -> bool:
-        return now > self.deadline
+        config = self.server.config
+        if self.write_paused:
+            return now - self.paused_at > config.write_timeout
+        if self.decoder.pending:
+            return now - self.frame_started > config.frame_timeout
+        return now - self.active_at > config.idle_timeout
 
     # -- input
     def data_received(self, data: bytes) -> None:
+        try:
+            self._receive(data)
+        except Exception as exc:
+            # A bug, not bad input (that is answered): no traceback, it could quote request bytes.
+            log.error("internal error on a connection: %s", type(exc).__name__)
+            self.abort()
+
+    def _receive(self, data: bytes) -> None:
         decoder = self.decoder
+        was_pending = decoder.pending
         frames = decoder.feed(data)
-        out = []
+        now = time.monotonic()
+        self.active_at = now
+        if decoder.pending and (frames or not was_pending):
+            self.frame_started = now  # a new frame began in this read; an unfinished one keeps its start
+        if frames:
+            self._answer(frames)
+        self._after_input()
+
+    def _answer(self, frames: list[bytes]) -> None:
+        """Answer frames in order, flushing every write_buffer_limit bytes; if the client is then not
+        reading, keep the rest in the backlog (reading is paused) until resume_writing."""
         service = self.service
         stats = service.stats
-        for body in frames:
+        config = self.server.config
+        limit = config.write_buffer_limit
+        out: list[bytes] = []
+        size = 0
+        for index, body in enumerate(frames):
             stats.requests += 1
             try:
                 request_id, op, request = service.decode(body)
             except _WithId as exc:
                 stats.errors += 1
-                out.append(protocol.encode_frame(protocol.error(exc.request_id, exc.code, exc.message)))
-                continue
+                answer = protocol.encode_frame(protocol.error(exc.request_id, exc.code, exc.message))
             except (ProtocolError, RequestError) as exc:
                 stats.errors += 1
-                out.append(protocol.encode_frame(protocol.error(None, exc.code, exc.message)))
-                continue
-            if op in service.fast_ops:
-                out.append(protocol.encode_frame(service.handle_fast(request_id, op, request)))
+                answer = protocol.encode_frame(protocol.error(None, exc.code, exc.message))
             else:
-                self._spawn(service.handle_slow(request_id, op, request))
-        if decoder.error is not None:
-            out.append(protocol.encode_frame(protocol.error(None, decoder.error.code, decoder.error.message)))
-            self._send(out)
-            self._close()
-            return
+                if op in service.fast_ops:
+                    answer = protocol.encode_frame(service.handle_fast(request_id, op, request))
+                else:
+                    refusal = self._slow(request_id, op, request, len(body))
+                    if refusal is None:
+                        continue
+                    answer = protocol.encode_frame(refusal)
+            out.append(answer)
+            size += len(answer)
+            if size >= limit:
+                self._send(out)
+                out, size = [], 0
+                if self.write_paused or self.transport is None or self.transport.is_closing():
+                    self.backlog = frames[index + 1 :]
+                    return
         if out:
             self._send(out)
-        if not self.write_paused:
-            self._arm()
+        self.backlog = []
+
+    def _slow(self, request_id: Any, op: str, request: dict[str, Any], size: int) -> dict[str, Any] | None:
+        """Start a slow op, or the answer refusing it (None when started)."""
+        config = self.server.config
+        service = self.service
+        if size > config.max_slow_frame:
+            service.stats.errors += 1
+            return protocol.error(request_id, "bad_request", f"{op} requests are at most {config.max_slow_frame} bytes")
+        if self.server.slow_inflight >= config.max_slow_ops:
+            service.stats.errors += 1
+            return protocol.error(request_id, "busy", f"{config.max_slow_ops} attest/provision requests in flight")
+        self.server.slow_inflight += 1
+        task = asyncio.get_running_loop().create_task(service.handle_slow(request_id, op, request))
+        self.tasks.add(task)
+        task.add_done_callback(self._slow_done)
+        return None
+
+    def _after_input(self) -> None:
+        """Charge the input held to the global budget; the fatal decoder error once all before it is answered."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        decoder = self.decoder
+        held = decoder.pending + sum(map(len, self.backlog)) if self.backlog else decoder.pending
+        server = self.server
+        server.input_held += held - self.held
+        self.held = held
+        if held and server.input_held > server.config.input_budget:
+            self.service.stats.dropped_input_budget += 1
+            self._send([protocol.encode_frame(protocol.error(None, "busy", "too much unfinished input; retry"))])
+            self._release()
+            self._close()
+            return
+        if decoder.error is not None and not self.backlog:
+            self._send([protocol.encode_frame(protocol.error(None, decoder.error.code, decoder.error.message))])
+            self._close()
 
     def eof_received(self) -> bool:
         # Half-closed: answer what is in flight, then close (returning True keeps our side open).
         self.eof = True
-        if not self.tasks:
+        if not self.tasks and not self.backlog:
             self._close()
         return True
 
     # -- output
     def _send(self, frames: list[bytes]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(frames))
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(b"".join(frames))  # may call pause_writing
+        self._account_output()
+        if self.write_paused and self.server.output_held > self.server.config.output_budget:
+            self.service.stats.dropped_not_reading += 1
+            self.abort()
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._slow_done)
+    def _account_output(self) -> None:
+        """Re-sample the unsent bytes; between samples the buffer only shrinks, so the sum is an upper bound."""
+        transport = self.transport
+        unsent = 0 if transport is None or transport.is_closing() else transport.get_write_buffer_size()
+        if unsent != self.unsent:
+            self.server.output_held += unsent - self.unsent
+            self.unsent = unsent
 
     def _slow_done(self, task: asyncio.Task[dict[str, Any]]) -> None:
+        self.server.slow_inflight -= 1
         self.tasks.discard(task)
-        if not task.cancelled():
-            self._send([protocol.encode_frame(task.result())])
-        if self.eof and not self.tasks:
-            self._close()
+        try:
+            if not task.cancelled():
+                self._send([protocol.encode_frame(task.result())])
+            if self.eof and not self.tasks and not self.backlog:
+                self._close()
+        except Exception as exc:
+            log.error("internal error answering %s: %s", "a slow op", type(exc).__name__)
+            self.abort()
 
     def pause_writing(self) -> None:
         # The client is not reading: stop reading its requests too, and start the write deadline.
         self.write_paused = True
+        self.paused_at = time.monotonic()
         if self.transport is not None:
             self.transport.pause_reading()
-        self._arm()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-        self._arm()
+        try:
+            self.write_paused = False
+            self._account_output()
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            now = time.monotonic()
+            self.active_at = now
+            if self.decoder.pending:
+                self.frame_started = now  # the unfinished frame could not progress while we were not reading
+            if self.backlog:
+                frames, self.backlog = self.backlog, []
+                self._answer(frames)
+                self._after_input()
+            if self.write_paused or transport.is_closing():
+                return
+            if self.eof:
+                if not self.tasks and not self.backlog:
+                    self._close()
+            else:
+                transport.resume_reading()
+        except Exception as exc:
+            log.error("internal error on a connection: %s", type(exc).__name__)
+            self.abort()
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -671,6 +809,7 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+        self._release()
 
 
 class TokenizerServer:
@@ -678,6 +817,9 @@ class TokenizerServer:
         self.config = config or ServerConfig()
         self.service = TokenizerService(self.config)
         self.connections: set[_Connection] = set()
+        self.input_held = 0  # bytes of unfinished or not yet answered frames, all connections
+        self.output_held = 0  # bytes of answers not yet taken by the kernel, all connections (upper bound)
+        self.slow_inflight = 0
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -690,12 +832,27 @@ class TokenizerServer:
         log.info("listening on %s", vsock.describe(self.config.cid, self.config.port))
 
     async def _sweep(self) -> None:
-        """Drop connections past their deadline (slowloris, stuck readers, idle)."""
+        """Drop connections past their deadline (slowloris, stuck readers, idle); re-sample unsent output."""
+        stats = self.service.stats
+        logged = (0, 0, 0)
         while True:
-            await asyncio.sleep(min(1.0, self.config.frame_timeout / 4))
+            await asyncio.sleep(min(1.0, self.config.frame_timeout / 4, self.config.write_timeout / 4))
             now = time.monotonic()
-            for conn in [c for c in self.connections if c.expired(now)]:
-                conn.abort()
+            for conn in list(self.connections):
+                if conn.expired(now):
+                    stats.dropped_deadline += 1
+                    conn.abort()
+                elif conn.unsent:
+                    conn._account_output()
+            # One line per sweep, not one per connection: an attack must not flood the log.
+            dropped = (stats.dropped_deadline, stats.dropped_not_reading, stats.dropped_input_budget)
+            if dropped != logged:
+                log.warning(
+                    "dropped connections: %d past their deadline, %d not reading (output budget), "
+                    "%d over the input budget (totals since start)",
+                    *dropped,
+                )
+                logged = dropped
 
     async def close(self) -> None:
         if self._sweeper is not None:

@@ -200,4 +200,8 @@ def capability_digest(secret: str | bytes) -> str:
 def capability_matches(secret: object, expected_digest: str | None) -> bool:
     if expected_digest is None or not isinstance(secret, str) or not secret or len(secret) > 1024:
         return False
-    return hmac.compare_digest(capability_digest(secret), expected_digest)
+    try:
+        digest = capability_digest(secret)
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \udxxx escape: not a secret anyone holds
+        return False
+    return hmac.compare_digest(digest, expected_digest)

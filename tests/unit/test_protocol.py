@@ -85,7 +85,9 @@ def test_exact_limit_accepted() -> None:
         (b"1" * 5000, "bad_json"),  # int literal beyond Python's digit limit
         (b"[1,2]", "bad_request"),
         (b'"x"', "bad_request"),
-        (b"NaN", "bad_request"),
+        (b"NaN", "bad_json"),
+        (b"-Infinity", "bad_json"),
+        (b'{"pan": -1e999}', "bad_json"),
     ],
 )
 def test_decode_message_errors(body: bytes, code: str) -> None:

@@ -5,9 +5,13 @@ under a temp NITRO_VSOCK_DIR), run on its own event loop in a thread so tests ca
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,19 @@ class RunningServer:
 
     def stats(self) -> Any:
         return self.server.service.stats
+
+    def on_loop(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """``fn()`` run on the server's loop (its state is only consistent there)."""
+
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def held(self) -> tuple[int, int, int]:
+        """(input bytes held, output bytes held, connections): all 0 when no client is connected."""
+        server = self.server
+        return self.on_loop(lambda: (server.input_held, server.output_held, len(server.connections)))
 
 
 @contextmanager
@@ -94,3 +111,45 @@ def call(sock: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
     body = protocol.recv_frame(sock)
     assert body is not None, "server closed the connection"
     return protocol.decode_message(body)
+
+
+SERVER_SCRIPT = """
+import asyncio, json, sys
+from enclave_tokenizer.server import ServerConfig, TokenizerServer
+from enclave_tokenizer.tokens import Tokenizer, capability_digest
+
+async def main():
+    server = TokenizerServer(ServerConfig(**json.loads(sys.argv[1])))
+    server.service.key.tokenizer = Tokenizer.from_data_key(bytes.fromhex(sys.argv[2]))
+    server.service.key.capability_sha256 = capability_digest(sys.argv[3])
+    await server.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@contextmanager
+def server_process(vsock_dir: Path, cid: int = ENCLAVE_CID, **config: Any) -> Iterator[subprocess.Popen[str]]:
+    """The real server, provisioned with TEST_KEY and CAPABILITY, in its own process (so its memory can be
+    measured alone); listens on $NITRO_VSOCK_DIR/<cid>/5000 of ``vsock_dir``."""
+    (vsock_dir / str(cid)).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "NITRO_VSOCK_DIR": str(vsock_dir)}
+    env.pop("NITRO_NSM_SOCKET", None)  # attest/provision fail fast with nsm_error: no NSM here
+    settings = json.dumps({"port": 5000, "cid": cid, **config})
+    argv = [sys.executable, "-c", SERVER_SCRIPT, settings, TEST_KEY.hex(), CAPABILITY]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", "server did not start"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for pid {pid}")
