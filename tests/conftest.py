@@ -77,9 +77,11 @@ def running_local_aws(workdir: Path, env: dict[str, str] | None = None, *extra: 
     since they reset or instrument the server in ways that would disturb each other.
     """
     port = free_port()
+    # Never the host's /var/lib/nitro-local-aws: each server keeps its keys in its own work directory.
+    state = () if "--state-file" in extra else ("--state-file", str(workdir / f"local-aws-{port}.state.json"))
     with (workdir / f"local-aws-{port}.log").open("wb") as log:
         proc = subprocess.Popen(
-            [str(VENV_BIN / "nitro-local-aws"), "--port", str(port), *extra],
+            [str(VENV_BIN / "nitro-local-aws"), "--port", str(port), *state, *extra],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=workdir,
