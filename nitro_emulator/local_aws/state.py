@@ -181,6 +181,14 @@ def install(state_file: str | None = None, **_: object) -> None:
     spec = default_path() if state_file is None else state_file
     _state["path"] = Path(spec) if spec else None
     if _state["path"] is not None:
+        directory = _state["path"].parent
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SystemExit(f"nitro-local-aws: cannot create {directory} for the state file: {exc}") from exc
+        if not os.access(directory, os.W_OK):
+            # Found now, not at the first CreateKey (which would otherwise answer HTTP 500).
+            raise SystemExit(f"nitro-local-aws: {directory} is not writable; pass --state-file or run as its owner")
         load(_state["path"])
     for cls in (KmsResponse, SimpleSystemManagerResponse):
         if not getattr(cls, "_nitro_saving", False):
