@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# A nitro-local-aws started by a test without --state-file keeps its keys in memory: never the host's
+# /var/lib/nitro-local-aws/state.json, which tests running side by side would otherwise share.
+os.environ.setdefault("NITRO_LOCAL_AWS_STATE", "")
 VENV_BIN = Path(sys.executable).parent
 PYTHON_BASE_IMAGE = "nitro-ansible/python:3.11-bookworm"
 SYSTEMD_BASE_IMAGE = "nitro-ansible/systemd:bookworm"

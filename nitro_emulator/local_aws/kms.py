@@ -43,6 +43,7 @@ import binascii
 import datetime as dt
 import json
 import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -412,6 +413,32 @@ def _take_fault(action: str) -> bool:
         return True
 
 
+class UnsupportedOperationException(JsonRESTError):
+    code = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__("UnsupportedOperationException", message)
+
+
+def _error_response(self: KmsResponse, error: JsonRESTError) -> tuple[int, dict[str, Any], str]:
+    return error.code, {**self.response_headers, "Content-Type": "application/x-amz-json-1.1"}, error.description
+
+
+def _patched_dispatch(original: Callable[..., Any]) -> Callable[..., Any]:
+    def dispatch(self: KmsResponse, request: Any, full_url: str | None = None, headers: Any = None) -> Any:
+        # moto decodes and parses the body before any handler runs: a body that is not UTF-8 JSON
+        # would end there in a 500 page. AWS answers SerializationException.
+        try:
+            return original(self, request, full_url, headers)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            from .kms_requests import SerializationException
+
+            error = SerializationException(f"The request body is not valid UTF-8 JSON ({type(exc).__name__})")
+            return error.code, {"Content-Type": "application/x-amz-json-1.1"}, error.description
+
+    return dispatch
+
+
 def _patched_call_action(original: Callable[[KmsResponse], Any]) -> Callable[[KmsResponse], Any]:
     def call_action(self: KmsResponse) -> Any:
         from .kms_requests import check_request
@@ -423,13 +450,16 @@ def _patched_call_action(original: Callable[[KmsResponse], Any]) -> Callable[[Km
             check_request(action, self.body)
             _authorize_request(self, action)
             _check_new_policy(self, action)
+            return original(self)
         except JsonRESTError as error:
-            return (
-                error.code,
-                {**self.response_headers, "Content-Type": "application/x-amz-json-1.1"},
-                error.description,
-            )
-        return original(self)
+            return _error_response(self, error)
+        except NotImplementedError:
+            return _error_response(self, UnsupportedOperationException(f"{action} is not implemented locally"))
+        except Exception as exc:
+            # One line, no traceback and no request values (they may hold key material).
+            print(f"nitro-local-aws: {action} failed in moto: {type(exc).__name__}", file=sys.stderr, flush=True)
+            message = f"The request could not be processed ({type(exc).__name__}); check the parameters"
+            return _error_response(self, ValidationException(message))
 
     return call_action
 
@@ -450,6 +480,7 @@ def install(attestation_roots: list[str] | None = None, **_: object) -> None:
     KmsResponse.generate_random = _patched_generate_random(KmsResponse.generate_random)  # type: ignore[method-assign]
     KmsResponse.generate_data_key_pair = generate_data_key_pair  # type: ignore[attr-defined]
     KmsResponse.call_action = _patched_call_action(KmsResponse.call_action)  # type: ignore[method-assign]
+    KmsResponse._dispatch = _patched_dispatch(KmsResponse._dispatch)  # type: ignore[method-assign]
     KmsResponse._nitro_attested = True  # type: ignore[attr-defined]
 
 
