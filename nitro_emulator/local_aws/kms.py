@@ -4,14 +4,12 @@ moto 5.2 ignores `Recipient` (it returns plaintext) and never evaluates key-poli
 layer, `Decrypt`, `GenerateDataKey`, `GenerateDataKeyPair` and `GenerateRandom` that carry
 `Recipient={AttestationDocument, KeyEncryptionAlgorithm: RSAES_OAEP_SHA_256}` behave as AWS documents:
 
-1. the attestation document is verified (COSE signature, certificate chain, validity now) against the
-   trusted roots: the emulator's root (`nitro_emulator.nsm.emulator_root_pem()`) plus any
-   `--attestation-root` PEMs (e.g. the AWS Nitro root);
-2. the key policy's `kms:RecipientAttestation:*` conditions are evaluated against the document's PCRs with
-   `nitro_module_utils.kms_policy.evaluate` (the same evaluator the kms_enclave_policy module uses);
-   not allowed -> `AccessDeniedException`;
+1. the attestation document is verified (COSE signature, certificate chain, validity now, made within
+   MAX_DOCUMENT_AGE) against the trusted roots: the emulator's root (`nitro_emulator.nsm.emulator_root_pem()`)
+   plus any `--attestation-root` PEMs (e.g. the AWS Nitro root);
+2. its PCRs become the `kms:RecipientAttestation:*` condition keys of the request (below);
 3. the secret is returned only as `CiphertextForRecipient` (CMS EnvelopedData to the document's RSA public
-   key, `enclave_tokenizer.cms`), never as `Plaintext`.
+   key, in KMS's BER encoding, `enclave_tokenizer.cms`), never as `Plaintext`.
 
 Every request is authorised as AWS does it (`_authorize_request`, before moto runs):
 - the caller is the principal its access key maps to (`identities.py`: instance role, key administrator,
