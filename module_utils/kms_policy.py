@@ -133,8 +133,12 @@ def _string_match(base: str, context_value: str, condition_value: str) -> bool:
         return context_value == condition_value
     if base in ("StringEqualsIgnoreCase", "StringNotEqualsIgnoreCase"):
         return context_value.casefold() == condition_value.casefold()
-    if base in ("StringLike", "StringNotLike"):
+    if base in ("StringLike", "StringNotLike", "ArnLike", "ArnNotLike"):
         return bool(_like_regex(condition_value).match(context_value))
+    if base in ("ArnEquals", "ArnNotEquals"):
+        return context_value == condition_value
+    if base == "Bool":
+        return context_value.lower() == condition_value.lower()
     raise PolicyError(f"unsupported condition operator {base!r}")
 
 
@@ -145,6 +149,11 @@ SUPPORTED_OPERATORS = (
     "StringNotEqualsIgnoreCase",
     "StringLike",
     "StringNotLike",
+    "ArnEquals",
+    "ArnNotEquals",
+    "ArnLike",
+    "ArnNotLike",
+    "Bool",
     "Null",
 )
 
@@ -206,15 +215,17 @@ def condition_operator_matches(operator: str, key: str, values: Any, context: Ma
     return one(present[0])
 
 
-def conditions_match(condition: Mapping[str, Any] | None, context: Mapping[str, Any]) -> bool:
+def conditions_match(condition: Any, context: Mapping[str, Any]) -> bool:
     """All operators AND, all keys under one operator AND."""
     if not condition:
         return True
+    if not isinstance(condition, Mapping):
+        raise PolicyError(f"Condition must map operators to keys, got {type(condition).__name__}")
     for operator, entries in condition.items():
         if not isinstance(entries, Mapping):
             raise PolicyError(f"condition operator {operator!r} must map keys to values")
         for key, values in entries.items():
-            if not condition_operator_matches(operator, key, values, context):
+            if not condition_operator_matches(str(operator), str(key), values, context):
                 return False
     return True
 
@@ -230,21 +241,46 @@ def _principal_values(stmt: Mapping[str, Any], field_name: str) -> list[str] | N
     return [str(v) for v in as_list(principal)]
 
 
-def principal_matches(stmt: Mapping[str, Any], principal: str | None) -> bool:
-    """`principal=None` means "the caller matches any principal" (the local KMS's simplification).
+_ACCOUNT_PRINCIPAL = re.compile(r"^(?:arn:aws[a-z-]*:iam::(\d{12}):root|(\d{12}))$")
 
-    An account principal (`arn:aws:iam::<acct>:root` or the bare account id) delegates to IAM
-    policies; it is not treated as naming a role here.
+
+def account_of_principal(value: str) -> str | None:
+    """`arn:aws:iam::<acct>:root` or `<acct>`: the account, which in a key policy delegates to IAM."""
+    match = _ACCOUNT_PRINCIPAL.match(value)
+    return (match.group(1) or match.group(2)) if match else None
+
+
+def _account_of_arn(arn: str) -> str | None:
+    parts = arn.split(":")
+    return parts[4] if len(parts) > 5 and parts[4].isdigit() else None
+
+
+def principal_match(stmt: Mapping[str, Any], principal: str | None) -> str | None:
+    """How the statement's principal names the caller: "direct", "account" (the caller's account, which
+    AWS reads as "whatever that account's IAM policies allow"), or None.
+
+    `principal=None` means "the caller matches any principal" (callers that evaluate one statement set).
     """
     if principal is None:
-        return True
+        return "direct"
+    caller_account = account_of_principal(principal) or _account_of_arn(principal)
     listed = _principal_values(stmt, "Principal")
     if listed is not None:
-        return "*" in listed or principal in listed
+        if "*" in listed or principal in listed:
+            return "direct"
+        if any(account_of_principal(p) == caller_account for p in listed if caller_account):
+            return "account"
+        return None
     excluded = _principal_values(stmt, "NotPrincipal")
     if excluded is not None:
-        return principal not in excluded
-    return False
+        hit = principal in excluded or any(account_of_principal(p) == caller_account for p in excluded)
+        return None if hit else "direct"
+    return None
+
+
+def principal_matches(stmt: Mapping[str, Any], principal: str | None) -> bool:
+    """The statement names the caller or the caller's account (see `principal_match`)."""
+    return principal_match(stmt, principal) is not None
 
 
 def action_matches(stmt: Mapping[str, Any], action: str) -> bool:
@@ -266,8 +302,8 @@ class Decision:
 
 
 def statement_applies(stmt: Mapping[str, Any], principal: str | None, action: str, context: Mapping[str, Any]) -> bool:
-    """Principal, action and conditions all match. An unsupported operator fails closed:
-    it never grants (Allow) and always applies (Deny)."""
+    """Principal, action and conditions all match. An unsupported operator or a malformed condition fails
+    closed: it never grants (Allow) and always applies (Deny)."""
     if not (principal_matches(stmt, principal) and action_matches(stmt, action)):
         return False
     try:
@@ -276,26 +312,41 @@ def statement_applies(stmt: Mapping[str, Any], principal: str | None, action: st
         return stmt.get("Effect") == "Deny"
 
 
+IamCheck = Callable[[str], bool]
+
+
 def evaluate(
     policy: Mapping[str, Any],
     action: str,
     context: Mapping[str, Any],
+    *,
     principal: str | None = None,
     statement_filter: Callable[[Mapping[str, Any]], bool] | None = None,
+    iam_allows: IamCheck | None = None,
 ) -> Decision:
     """IAM-style decision for one request: explicit Deny wins, then any Allow, else implicit deny.
 
-    `statement_filter` restricts which Allow statements may grant (Deny statements always count).
+    A statement naming the caller's account (`...:root`) grants only what `iam_allows(action)` says the
+    caller's IAM policies grant (AWS: that statement "enables IAM policies"); without `iam_allows` it
+    grants nothing to a caller other than the account itself. A Deny naming the account applies to every
+    principal in it. `statement_filter` restricts which Allow statements may grant. Never raises: a
+    policy that cannot be read grants nothing.
     """
-    statements = [s for s in as_list(policy.get("Statement")) if isinstance(s, Mapping)]
-    for stmt in statements:
-        if stmt.get("Effect") == "Deny" and statement_applies(stmt, principal, action, context):
-            return Decision(False, f"explicitly denied by statement {stmt.get('Sid')!r}", stmt.get("Sid"))
-    for stmt in statements:
-        if stmt.get("Effect") != "Allow" or (statement_filter and not statement_filter(stmt)):
-            continue
-        if statement_applies(stmt, principal, action, context):
+    try:
+        statements = [s for s in as_list(policy.get("Statement")) if isinstance(s, Mapping)]
+        for stmt in statements:
+            if stmt.get("Effect") == "Deny" and statement_applies(stmt, principal, action, context):
+                return Decision(False, f"explicitly denied by statement {stmt.get('Sid')!r}", stmt.get("Sid"))
+        for stmt in statements:
+            if stmt.get("Effect") != "Allow" or (statement_filter and not statement_filter(stmt)):
+                continue
+            if not statement_applies(stmt, principal, action, context):
+                continue
+            if principal_match(stmt, principal) == "account" and not (iam_allows and iam_allows(action)):
+                continue
             return Decision(True, f"allowed by statement {stmt.get('Sid')!r}", stmt.get("Sid"))
+    except (PolicyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        return Decision(False, f"the key policy cannot be evaluated: {exc}")
     return Decision(False, "no statement allows this request")
 
 
@@ -590,7 +641,8 @@ def find_bypasses(policy: Mapping[str, Any], managed_sids: Iterable[str]) -> lis
                 for other in statements:
                     if other is stmt or other.get("Effect") != "Allow" or has_attestation_condition(other):
                         continue
-                    if principal_matches(other, principal) and action_matches(other, str(action)):
+                    # An account principal delegates to IAM: root_delegation_warnings reports that.
+                    if principal_match(other, principal) == "direct" and action_matches(other, str(action)):
                         problems.append(
                             f"statement {stmt.get('Sid')!r}: {principal} is also allowed {action} without "
                             f"attestation by statement {other.get('Sid')!r}, which would bypass attestation"
@@ -716,5 +768,6 @@ def apply_statements(
 
 
 def recipient_statement_filter(stmt: Mapping[str, Any]) -> bool:
-    """For requests with a Recipient the local KMS lets only attested statements grant."""
+    """Only attested statements may grant (what the module checks its own statements with; KMS itself lets
+    any matching Allow grant a Recipient request)."""
     return is_attested_statement(stmt)

@@ -315,8 +315,6 @@ class Enclave:
             raise
 
     def _boot(self, image: Any) -> None:
-        from nitro_module_utils.eif import pcr4_from_instance_id
-
         from . import isolation
         from .nsm import start_nsm_server
 
@@ -338,7 +336,7 @@ class Enclave:
         cid_dir.mkdir(mode=0o755)
 
         pcrs = {int(key[3:]): bytes.fromhex(value) for key, value in image.pcrs.items() if key.startswith("PCR")}
-        pcrs[4] = bytes.fromhex(pcr4_from_instance_id(state.instance_id()))
+        pcrs.update(state.host_pcrs())  # PCR3 = the instance's role, PCR4 = its id, as a real NSM fills them
         nsm_socket = state_dir / "nsm.sock"
         self.nsm = start_nsm_server(
             nsm_socket, pcrs, slot.enclave_id, home=state.emulator_home(), debug=bool(slot.flags & DEBUG_FLAG)

@@ -86,6 +86,31 @@ def instance_id() -> str:
     return tag if tag.startswith("i-") else DEFAULT_INSTANCE_ID
 
 
+DEFAULT_INSTANCE_ROLE_ARN = "arn:aws:iam::123456789012:role/enclave-parent"
+
+
+def instance_role_arn() -> str | None:
+    """The IAM role of the emulated host's instance profile, which a real NSM measures into PCR3.
+
+    ``NITRO_EMULATOR_INSTANCE_ROLE_ARN`` sets it (empty: an instance without a role, PCR3 zero); the
+    default is the role ``playbooks/provision.yml`` creates, in the local endpoint's account, i.e. the
+    principal the local KMS maps ``local-instance-role`` credentials to (local_aws/README.md).
+    """
+    value = os.environ.get("NITRO_EMULATOR_INSTANCE_ROLE_ARN", DEFAULT_INSTANCE_ROLE_ARN)
+    return "".join(value.split()) or None
+
+
+def host_pcrs() -> dict[int, bytes]:
+    """What the parent instance contributes to every enclave's PCRs: PCR3 (role ARN), PCR4 (instance id)."""
+    from nitro_module_utils.eif import pcr3_from_role_arn, pcr4_from_instance_id
+
+    pcrs = {4: bytes.fromhex(pcr4_from_instance_id(instance_id()))}
+    role = instance_role_arn()
+    if role:
+        pcrs[3] = bytes.fromhex(pcr3_from_role_arn(role))
+    return pcrs
+
+
 def socket_path(slot_uid: str) -> Path:
     return sockets_dir() / f"{slot_uid}.sock"
 

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# A nitro-local-aws started by a test without --state-file keeps its keys in memory: never the host's
+# /var/lib/nitro-local-aws/state.json, which tests running side by side would otherwise share.
+os.environ.setdefault("NITRO_LOCAL_AWS_STATE", "")
 VENV_BIN = Path(sys.executable).parent
 PYTHON_BASE_IMAGE = "nitro-ansible/python:3.11-bookworm"
 SYSTEMD_BASE_IMAGE = "nitro-ansible/systemd:bookworm"
@@ -77,9 +80,11 @@ def running_local_aws(workdir: Path, env: dict[str, str] | None = None, *extra: 
     since they reset or instrument the server in ways that would disturb each other.
     """
     port = free_port()
+    # Never the host's /var/lib/nitro-local-aws: each server keeps its keys in its own work directory.
+    state = () if "--state-file" in extra else ("--state-file", str(workdir / f"local-aws-{port}.state.json"))
     with (workdir / f"local-aws-{port}.log").open("wb") as log:
         proc = subprocess.Popen(
-            [str(VENV_BIN / "nitro-local-aws"), "--port", str(port), *extra],
+            [str(VENV_BIN / "nitro-local-aws"), "--port", str(port), *state, *extra],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=workdir,

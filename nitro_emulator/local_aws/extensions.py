@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-EXTENSIONS = ("kms", "ec2")
+EXTENSIONS = ("identities", "kms", "ec2", "state")  # state last: it wraps kms
 
 
 def install(**config: object) -> None:

@@ -38,12 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="root certificate trusted for Recipient attestation documents (repeatable); "
         "default: the emulator's root on this host",
     )
+    parser.add_argument(
+        "--state-file",
+        default=None,
+        metavar="PATH",
+        help="where KMS keys and SSM parameters persist across restarts (0600, atomic writes); default "
+        "$NITRO_LOCAL_AWS_STATE or /var/lib/nitro-local-aws/state.json; '' keeps them in memory only",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    extensions.install(attestation_roots=args.attestation_root)
+    extensions.install(attestation_roots=args.attestation_root, state_file=args.state_file)
     server = ThreadedMotoServer(ip_address=args.host, port=args.port, verbose=False)
     server.start()
     print(f"nitro-local-aws listening on http://{args.host}:{args.port}", flush=True)

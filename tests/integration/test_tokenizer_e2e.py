@@ -33,7 +33,7 @@ EMULATOR = str(VENV_BIN / "nitro-cli-emulator")
 ENCLAVE_NAME = "tokenizer"
 ENCLAVE_CID = 21
 PAN = "4111111111111111"
-ROLE = "arn:aws:iam::123456789012:role/tokenizer-host"
+ROLE = "arn:aws:iam::123456789012:role/enclave-parent"  # the local KMS's local-instance-role
 DEPS = ("cbor2", "cryptography", "cffi", "pycparser", "asn1crypto", "pyyaml")
 
 
@@ -116,7 +116,7 @@ class Host:
             NITRO_EMULATOR_HOME=str(root / "home"),
             NITRO_ALLOCATOR_CONFIG=str(root / "allocator.yaml"),
             NITRO_EMULATOR_SYSFS_ROOT=str(root / "sysfs"),
-            AWS_ACCESS_KEY_ID="testing",
+            AWS_ACCESS_KEY_ID="local-instance-role",  # the parent hands the enclave its instance role
             AWS_SECRET_ACCESS_KEY="testing",
             AWS_DEFAULT_REGION="us-east-1",
         )

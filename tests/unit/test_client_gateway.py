@@ -42,7 +42,7 @@ PAN = "4111111111111111"
 TK = Tokenizer.from_data_key(TEST_KEY)
 PCRS = {0: hashlib.sha384(b"image").digest(), 1: hashlib.sha384(b"kernel").digest(), 2: hashlib.sha384(b"app").digest()}
 OTHER_PCR0 = hashlib.sha384(b"another image").hexdigest()
-ROLE = "arn:aws:iam::123456789012:role/enclave-host"
+ROLE = "arn:aws:iam::123456789012:role/enclave-parent"  # the local KMS's local-instance-role
 
 
 # ------------------------------------------------------------------------------------------ SigV4
@@ -109,7 +109,8 @@ def local_kms(tmp_path_factory: pytest.TempPathFactory, emulator_home: Path) -> 
 
 @pytest.fixture
 def aws_creds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    # The gateway hands the enclave the instance role's credentials (the local KMS's `local-instance-role`).
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local-instance-role")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "testing-session")
     monkeypatch.delenv("AWS_PROFILE", raising=False)

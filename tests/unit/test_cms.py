@@ -1,14 +1,16 @@
-"""CMS EnvelopedData for CiphertextForRecipient: round trip, OpenSSL interop both ways, refusals."""
+"""CMS EnvelopedData for CiphertextForRecipient: a real KMS reply, AWS's parser's view of ours, round trip,
+OpenSSL interop both ways, refusals."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from asn1crypto import algos, cms, core
+from asn1crypto import algos, cms, core, parser
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -17,6 +19,7 @@ from enclave_tokenizer import cms as ecms
 from enclave_tokenizer.cms import CmsError
 
 OPENSSL = shutil.which("openssl")
+VECTOR = Path(__file__).resolve().parent / "kms_vectors"
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,7 @@ def test_structure_matches_kms_format(key) -> None:
     assert ktri["version"].native == "v2"
     assert ktri["rid"].name == "subject_key_identifier"
     assert ktri["rid"].chosen.native == ecms.subject_key_identifier(spki(key))
+    assert len(ktri["rid"].chosen.native) == 32  # the length a real KMS reply carries
     kea = ktri["key_encryption_algorithm"]
     assert kea["algorithm"].native == "rsaes_oaep"
     assert kea["parameters"]["hash_algorithm"]["algorithm"].native == "sha256"
@@ -64,14 +68,10 @@ def test_structure_matches_kms_format(key) -> None:
     assert len(eci["content_encryption_algorithm"]["parameters"].native) == 16
 
 
-def test_ski_is_rfc5280_method_1(key) -> None:
-    expected = x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest
-    assert ecms.subject_key_identifier(spki(key)) == expected
-
-
-def test_wrong_key_refused(key, other_key) -> None:
+def test_wrong_key_refused_at_the_rsa_step(key, other_key) -> None:
+    # The identifier is not compared (as in AWS's parser): the OAEP unwrap is what refuses.
     envelope = ecms.build_enveloped_data(b"secret", spki(key))
-    with pytest.raises(CmsError, match="another key"):
+    with pytest.raises(CmsError, match="does not decrypt"):
         ecms.decrypt_enveloped_data(envelope, other_key)
 
 
@@ -133,7 +133,7 @@ def test_refuses_other_algorithms(key) -> None:
 
 def test_tampered_content_refused(key) -> None:
     envelope = bytearray(ecms.build_enveloped_data(b"secret" * 4, spki(key)))
-    envelope[-1] ^= 0x01  # last ciphertext byte: breaks the padding
+    envelope[-11] ^= 0x01  # last ciphertext byte (before five end-of-contents pairs): breaks the padding
     with pytest.raises(CmsError, match="padding"):
         ecms.decrypt_enveloped_data(bytes(envelope), key)
 
@@ -220,3 +220,149 @@ def test_we_decrypt_openssls(tmp_path, key) -> None:
         capture_output=True,
     )
     assert ecms.decrypt_enveloped_data(out.read_bytes(), key) == plaintext
+
+
+# ------------------------------------------------------------------ what AWS sends, what AWS's parser reads
+
+
+def _element(data: bytes, pos: int) -> tuple[int, int, int, bool]:
+    """(identifier octet, header length, whole length, indefinite?) of the BER element at `pos`."""
+    try:
+        _cls, _method, _tag, header, content, trailer = parser.parse(data[pos:], strict=False)
+    except ValueError as exc:
+        raise AssertionError(f"kmstool: no element at {pos}: {exc}") from exc
+    # Every tag here fits the identifier octet, so the length octet is header[1]; 0x80 = indefinite.
+    return data[pos], len(header), len(header) + len(content) + len(trailer), header[1] == 0x80
+
+
+def aws_kmstool_parse(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """The steps of aws-nitro-enclaves-sdk-c `aws_cms_parse_enveloped_data` (source/cms.c, e86d2cf), on
+    BoringSSL's CBS semantics: `CBS_get_any_ber_asn1_element` steps *into* an indefinite-length element
+    (header only) but consumes a definite-length one whole; `CBS_get_asn1` reads one definite element.
+    Returns (wrapped key, IV, encrypted content); AssertionError where kmstool would fail."""
+    pos = 0
+
+    def ber(expect: int | None = None) -> tuple[int, bytes]:
+        nonlocal pos
+        tag, header_len, total, indefinite = _element(data, pos)
+        assert expect is None or tag == expect, f"kmstool: tag {tag:#x} at {pos}, wanted {expect:#x}"
+        element = data[pos : pos + total]
+        pos += header_len if indefinite else total
+        return tag, element
+
+    def asn1(buf: bytes, at: int, expect: int) -> tuple[bytes, int]:
+        tag, header_len, total, indefinite = _element(buf, at)
+        assert tag == expect and not indefinite, f"kmstool: tag {tag:#x} at {at}, wanted definite {expect:#x}"
+        return buf[at + header_len : at + total], at + total
+
+    ber(0x30)  # ContentInfo
+    oid, pos = asn1(data, pos, 0x06)
+    assert oid == bytes.fromhex("2a864886f70d010703")
+    ber()  # [0]
+    ber(0x30)  # EnvelopedData
+    version, pos = asn1(data, pos, 0x02)
+    assert version == b"\x02"
+    _, recipient_set = ber(0x31)
+    recipients, _ = asn1(recipient_set, 0, 0x31)
+    ktri, _ = asn1(recipients, 0, 0x30)
+    version, at = asn1(ktri, 0, 0x02)
+    assert version == b"\x02", "kmstool: only KeyTransRecipientInfo v2 (subjectKeyIdentifier)"
+    at += _element(ktri, at)[2]  # the recipient identifier: skipped, never compared
+    _, at = asn1(ktri, at, 0x30)
+    wrapped_key, _ = asn1(ktri, at, 0x04)
+    ber(0x30)  # EncryptedContentInfo
+    oid, pos = asn1(data, pos, 0x06)
+    assert oid == bytes.fromhex("2a864886f70d010701")
+    _, algorithm = ber(0x30)
+    header_len = _element(algorithm, 0)[1]
+    oid, at = asn1(algorithm, header_len, 0x06)
+    assert oid == bytes.fromhex("60864801650304012a"), "kmstool: AES-256-CBC only"
+    iv, _ = asn1(algorithm, at, 0x04)
+    content = b""
+    if data[pos] == 0x80:  # primitive [0]: definite-length parts
+        while pos < len(data) and data[pos] == 0x80:
+            part, pos = asn1(data, pos, 0x80)
+            content += part
+    else:
+        ber()  # constructed [0], indefinite: OCTET STRING chunks
+        while pos < len(data) and data[pos] == 0x04:
+            _, chunk = ber(0x04)
+            part, _ = asn1(chunk, 0, 0x04)
+            content += part
+    assert content, "kmstool: no encrypted content"
+    return wrapped_key, iv, content
+
+
+def _skeleton(data: bytes, depth: int = 0) -> list[tuple[int, int, bool]]:
+    """(depth, identifier octet, indefinite?) of every element: the encoding's shape without its values."""
+    out, pos = [], 0
+    while pos < len(data):
+        tag, header_len, total, indefinite = _element(data, pos)
+        if tag == 0 and total == 2:
+            break  # end-of-contents of the enclosing indefinite element
+        out.append((depth, tag, indefinite))
+        if tag & 0x20:
+            out += _skeleton(data[pos + header_len : pos + total], depth + 1)
+        pos += total
+    return out
+
+
+def test_real_kms_reply_parses_as_awss_parser_parses_it(other_key) -> None:
+    ber = (VECTOR / "ciphertext_for_recipient.ber").read_bytes()
+    expected = json.loads((VECTOR / "expected.json").read_text())
+    assert len(ber) == expected["length"]
+    wrapped_key, iv, encrypted = ecms.parse_enveloped_data(ber)
+    assert (wrapped_key.hex(), iv.hex(), encrypted.hex()) == (
+        expected["encrypted_key"],
+        expected["iv"],
+        expected["ciphertext"],
+    )
+    assert aws_kmstool_parse(ber) == (wrapped_key, iv, encrypted)  # the port agrees with the vector too
+    # No private key is public: the unwrap fails, and only at the RSA step.
+    with pytest.raises(CmsError, match="content-encryption key does not decrypt"):
+        ecms.decrypt_enveloped_data(ber, other_key)
+
+
+def test_local_kms_output_has_the_real_replys_encoding(key) -> None:
+    ours = ecms.build_enveloped_data(b"k" * 32, spki(key))
+    real = (VECTOR / "ciphertext_for_recipient.ber").read_bytes()
+    assert ours[:2] == b"\x30\x80"
+    assert _skeleton(ours) == _skeleton(real)
+    wrapped_key, iv, encrypted = aws_kmstool_parse(ours)
+    assert (wrapped_key, iv, encrypted) == ecms.parse_enveloped_data(ours)
+    assert ecms.decrypt_enveloped_data(ours, key) == b"k" * 32
+
+
+def test_awss_parser_cannot_read_der(key) -> None:
+    # Why the local KMS must answer in BER: kmstool walks the indefinite-length headers.
+    der = cms.ContentInfo.load(ecms.build_enveloped_data(b"x", spki(key))).dump(force=True)
+    assert der[:2] != b"\x30\x80"
+    with pytest.raises(AssertionError, match="kmstool"):
+        aws_kmstool_parse(der)
+    assert ecms.decrypt_enveloped_data(der, key) == b"x"  # the enclave still reads definite lengths
+
+
+@pytest.mark.parametrize("ski_len", [8, 20, 32, 64])
+def test_any_subject_key_identifier_length(key, ski_len) -> None:
+    def rid(env) -> None:
+        env["recipient_infos"][0].chosen["rid"] = cms.RecipientIdentifier(
+            name="subject_key_identifier", value=core.OctetString(b"\x5a" * ski_len)
+        )
+
+    envelope = mutate(ecms.build_enveloped_data(b"data key", spki(key)), rid)
+    assert ecms.decrypt_enveloped_data(envelope, key) == b"data key"
+
+
+def test_issuer_and_serial_number_recipient(key) -> None:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kms")])
+
+    def rid(env) -> None:
+        ktri = env["recipient_infos"][0].chosen
+        ktri["version"] = "v0"
+        ktri["rid"] = cms.RecipientIdentifier(
+            name="issuer_and_serial_number",
+            value=cms.IssuerAndSerialNumber({"issuer": cms.Name.load(name.public_bytes()), "serial_number": 12345}),
+        )
+
+    envelope = mutate(ecms.build_enveloped_data(b"data key", spki(key)), rid)
+    assert ecms.decrypt_enveloped_data(envelope, key) == b"data key"

@@ -428,7 +428,7 @@ def test_missing_keys_ifexists_null_and_set_operators() -> None:
     assert kp.condition_operator_matches("StringEquals", "KMS:RecipientAttestation:PCR0", OLD, {P0: OLD})
 
 
-@pytest.mark.parametrize("operator", ["NumericEquals", "Foo:StringEquals", "NullIfExists", "Bool"])
+@pytest.mark.parametrize("operator", ["NumericEquals", "Foo:StringEquals", "NullIfExists", "IpAddress"])
 def test_unsupported_operators_refused(operator) -> None:
     with pytest.raises(PolicyError, match="unsupported"):
         kp.condition_operator_matches(operator, "k", "v", {"k": "v"})
@@ -535,3 +535,98 @@ def test_rotation_properties(old, new, data) -> None:
     assert kp.policies_equal(replaced, removed)
     # foreign statements never change
     assert removed["Statement"][0] == start["Statement"][0]
+
+
+# ------------------------------------------------------------------ AWS semantics of the account root
+
+
+def test_account_root_delegates_to_iam_and_any_allow_grants_an_attested_call() -> None:
+    policy = attested_policy(OLD)  # root kms:* + the role's attested Decrypt
+    ok = kp.attestation_context({0: bytes.fromhex(OLD)})
+    # The role has no IAM permissions: only the attested statement can grant it, and only with attestation.
+    assert kp.evaluate(policy, "kms:Decrypt", ok, principal=ROLE, iam_allows=lambda a: False).sid == "EnclaveDecrypt"
+    assert not kp.evaluate(policy, "kms:Decrypt", {}, principal=ROLE, iam_allows=lambda a: False).allowed
+    # A principal of the account whose IAM policies allow Decrypt is granted by the root statement,
+    # with or without attestation (as in AWS: any matching Allow grants).
+    admin = f"arn:aws:iam::{ACCOUNT}:user/admin"
+    for ctx in (ok, {}):
+        decision = kp.evaluate(policy, "kms:Decrypt", ctx, principal=admin, iam_allows=lambda a: True)
+        assert decision.sid == "Enable IAM User Permissions"
+    only_admin = kp.evaluate(policy, "kms:Decrypt", {}, principal=admin, iam_allows=lambda a: a == "kms:PutKeyPolicy")
+    assert not only_admin.allowed
+    assert kp.evaluate(
+        policy, "kms:PutKeyPolicy", {}, principal=admin, iam_allows=lambda a: a == "kms:PutKeyPolicy"
+    ).allowed
+    # Another account's principal is not named by this account's root.
+    stranger = "arn:aws:iam::999999999999:role/x"
+    assert not kp.evaluate(policy, "kms:Decrypt", ok, principal=stranger, iam_allows=lambda a: True).allowed
+
+
+def test_deny_naming_the_account_applies_to_its_principals() -> None:
+    policy = attested_policy(OLD)
+    policy["Statement"].append(
+        {"Sid": "NoDecrypt", "Effect": "Deny", "Principal": {"AWS": ACCOUNT}, "Action": "kms:Decrypt", "Resource": "*"}
+    )
+    ok = kp.attestation_context({0: bytes.fromhex(OLD)})
+    decision = kp.evaluate(policy, "kms:Decrypt", ok, principal=ROLE, iam_allows=lambda a: True)
+    assert not decision.allowed and decision.sid == "NoDecrypt"
+
+
+@pytest.mark.parametrize("condition", [["StringEquals"], "x", 3, {"StringEquals": "x"}, {"Foo": {"k": "v"}}])
+def test_malformed_stored_conditions_never_raise(condition) -> None:
+    allow = {"Effect": "Allow", "Principal": "*", "Action": "kms:*", "Resource": "*", "Condition": condition}
+    deny = {**allow, "Effect": "Deny"}
+    assert not kp.evaluate({"Statement": [allow]}, "kms:Decrypt", {}, principal=ROLE).allowed
+    assert not kp.evaluate({"Statement": [deny, {**allow, "Condition": {}}]}, "kms:Decrypt", {}, principal=ROLE).allowed
+    for junk in ({"Statement": "x"}, {"Statement": [1, None]}, {"Statement": {"Effect": "Allow", "Action": 5}}):
+        assert not kp.evaluate(junk, "kms:Decrypt", {}, principal=ROLE).allowed
+
+
+def test_bool_and_arn_operators() -> None:
+    ctx = {"aws:SecureTransport": "true", "aws:PrincipalArn": ROLE}
+    assert kp.conditions_match({"Bool": {"aws:SecureTransport": True}}, ctx)
+    assert not kp.conditions_match({"Bool": {"aws:SecureTransport": "false"}}, ctx)
+    assert kp.conditions_match({"ArnLike": {"aws:PrincipalArn": "arn:aws:iam::*:role/enclave-*"}}, ctx)
+
+
+# ------------------------------------------------------------------ the grammar KMS enforces on PutKeyPolicy
+
+ANY = '{"Statement": [{"Effect": "Allow", "Principal": "*", "Action": "kms:*", "Resource": "*"}]}'
+
+
+@pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "JSON object"),
+        ('{"Statement": []}', "no Statement"),
+        ('{"Version": "2020-01-01", "Statement": [{}]}', "Version"),
+        ('{"Statement": [{"Effect": "Maybe", "Principal": "*", "Action": "kms:*", "Resource": "*"}]}', "Effect"),
+        ('{"Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]}', "Principal"),
+        ('{"Statement": [{"Effect": "Allow", "Principal": "*", "Resource": "*"}]}', "Action"),
+        ('{"Statement": [{"Effect": "Allow", "Principal": "*", "Action": "kms:*"}]}', "Resource"),
+        (ANY.replace("}]}", ', "Condition": ["x"]}]}'), "map of condition operators"),
+        (ANY.replace("}]}", ', "Condition": {"Foo": {"a": "b"}}}]}'), "not a condition operator"),
+        (ANY.replace("}]}", ', "Condition": {"StringEquals": "b"}}]}'), "must map condition keys"),
+        (
+            '{"Statement": [{"Effect": "Allow", "Principal": {"AWS": "bob"}, "Action": "kms:*", "Resource": "*"}]}',
+            "not an account id",
+        ),
+        (
+            '{"Statement": [{"Effect": "Allow", "Principal": "*", "Action": "kms:*", "Resource": "*", "Extra": 1}]}',
+            "unknown element",
+        ),
+    ],
+)
+def test_key_policy_grammar(document, reason) -> None:
+    from nitro_module_utils import kms_policy_document
+
+    with pytest.raises(PolicyError, match=reason):
+        kms_policy_document.parse_key_policy(document)
+
+
+def test_key_policy_grammar_accepts_what_the_project_writes() -> None:
+    from nitro_module_utils import kms_policy_document
+
+    policy = attested_policy(OLD, NEW)
+    assert kms_policy_document.parse_key_policy(kp.dump_policy(policy)) == policy

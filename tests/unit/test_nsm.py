@@ -389,3 +389,19 @@ def test_missing_device_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(client, "NSM_DEVICE", str(tmp_path / "no-nsm"))
     with pytest.raises(client.NsmError, match="cannot open"):
         client.get_random(4)
+
+
+def test_host_pcrs_follow_the_role_and_instance(monkeypatch) -> None:
+    from nitro_module_utils.eif import pcr3_from_role_arn, pcr4_from_instance_id
+
+    from nitro_emulator import state
+
+    monkeypatch.setenv("NITRO_EMULATOR_INSTANCE_ID", "i-0fd25f30661854f2b")
+    monkeypatch.delenv("NITRO_EMULATOR_INSTANCE_ROLE_ARN", raising=False)
+    pcrs = state.host_pcrs()
+    assert pcrs[4].hex() == pcr4_from_instance_id("i-0fd25f30661854f2b")
+    assert pcrs[3].hex() == pcr3_from_role_arn("arn:aws:iam::123456789012:role/enclave-parent")
+    monkeypatch.setenv("NITRO_EMULATOR_INSTANCE_ROLE_ARN", "arn:aws:iam::111122223333:role/other")
+    assert state.host_pcrs()[3].hex() == pcr3_from_role_arn("arn:aws:iam::111122223333:role/other")
+    monkeypatch.setenv("NITRO_EMULATOR_INSTANCE_ROLE_ARN", "")
+    assert 3 not in state.host_pcrs()  # no instance profile: PCR3 stays zero

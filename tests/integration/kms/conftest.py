@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from nitro_module_utils import kms_policy
 
+from nitro_emulator.local_aws.identities import INSTANCE_ROLE_KEY, KEY_ADMIN_KEY, OPERATOR_KEY
 from nitro_emulator.nsm import build_attestation_document
 from tests.conftest import REPO_ROOT, VENV_BIN, running_local_aws
 from tests.integration.ec2.conftest import DUMMY_ENV, REGION, ansible_env
@@ -40,12 +41,14 @@ class KmsEndpoint:
     emulator_home: Path
     faults: Path
 
-    def client(self) -> Any:
+    def client(self, access_key_id: str = OPERATOR_KEY, service: str = "kms") -> Any:
+        """A client as one of the endpoint's documented identities (identities.py): the operator by
+        default, INSTANCE_ROLE_KEY for the parent instance, KEY_ADMIN_KEY for the key administrator."""
         return boto3.client(
-            "kms",
+            service,
             region_name=REGION,
             endpoint_url=self.url,
-            aws_access_key_id=DUMMY_ENV["AWS_ACCESS_KEY_ID"],
+            aws_access_key_id=access_key_id,
             aws_secret_access_key=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
         )
 
@@ -75,6 +78,18 @@ def kms_endpoint(tmp_path_factory: pytest.TempPathFactory, emulator_home: Path) 
 def kms(kms_endpoint: KmsEndpoint) -> Any:
     kms_endpoint.set_faults()
     return kms_endpoint.client()
+
+
+@pytest.fixture
+def parent_kms(kms_endpoint: KmsEndpoint) -> Any:
+    """The parent instance's credentials (its IAM role): what the enclave is handed."""
+    return kms_endpoint.client(INSTANCE_ROLE_KEY)
+
+
+@pytest.fixture
+def admin_kms(kms_endpoint: KmsEndpoint) -> Any:
+    """The key administrator's credentials."""
+    return kms_endpoint.client(KEY_ADMIN_KEY)
 
 
 @pytest.fixture

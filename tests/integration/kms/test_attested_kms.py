@@ -43,44 +43,44 @@ def attested_key(kms, key_id) -> tuple[str, bytes]:
 
 
 def test_decrypt_allowed_for_matching_pcrs_returns_only_ciphertext_for_recipient(
-    kms, kms_endpoint, enclave, attested_key
+    parent_kms, kms, kms_endpoint, enclave, attested_key
 ) -> None:
     key_id, blob = attested_key
     doc = document(kms_endpoint.emulator_home, OLD_PCR0.upper(), enclave.public_der)
-    answer = kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
+    answer = parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
     assert "Plaintext" not in answer
     assert answer["KeyId"].endswith(key_id)
     assert decrypt_enveloped_data(answer["CiphertextForRecipient"], enclave.private_key) == SECRET
     # With KeyId given too (by alias) the same.
     kms.create_alias(AliasName=f"alias/attested-{key_id}", TargetKeyId=key_id)
-    answer = kms.decrypt(CiphertextBlob=blob, KeyId=f"alias/attested-{key_id}", Recipient=recipient(doc))
+    answer = parent_kms.decrypt(CiphertextBlob=blob, KeyId=f"alias/attested-{key_id}", Recipient=recipient(doc))
     assert decrypt_enveloped_data(answer["CiphertextForRecipient"], enclave.private_key) == SECRET
 
 
-def test_decrypt_denied_for_a_different_pcr0(kms, kms_endpoint, enclave, attested_key) -> None:
+def test_decrypt_denied_for_a_different_pcr0(parent_kms, kms, kms_endpoint, enclave, attested_key) -> None:
     _, blob = attested_key
     doc = document(kms_endpoint.emulator_home, NEW_PCR0, enclave.public_der)
     with pytest.raises(botocore.exceptions.ClientError) as info:
-        kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
+        parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
     assert error_code(info) == "AccessDeniedException"
     assert "not authorized to perform: kms:Decrypt" in str(info.value)
     assert NEW_PCR0 in str(info.value)  # says which measurement was refused
 
 
-def test_decrypt_denied_for_a_debug_mode_document(kms, kms_endpoint, enclave, attested_key) -> None:
+def test_decrypt_denied_for_a_debug_mode_document(parent_kms, kms, kms_endpoint, enclave, attested_key) -> None:
     _, blob = attested_key
     doc = document(kms_endpoint.emulator_home, OLD_PCR0, enclave.public_der, debug=True)
     with pytest.raises(botocore.exceptions.ClientError) as info:
-        kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
+        parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
     assert error_code(info) == "AccessDeniedException"
     assert "0" * 96 in str(info.value)
 
 
-def test_decrypt_denied_for_a_document_from_another_root(kms, enclave, attested_key, tmp_path) -> None:
+def test_decrypt_denied_for_a_document_from_another_root(parent_kms, kms, enclave, attested_key, tmp_path) -> None:
     _, blob = attested_key
     doc = document(tmp_path / "other-emulator", OLD_PCR0, enclave.public_der)
     with pytest.raises(botocore.exceptions.ClientError) as info:
-        kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
+        parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
     assert error_code(info) == "ValidationException"
     assert "root" in str(info.value)
 
@@ -113,7 +113,7 @@ def test_another_root_is_trusted_when_configured(tmp_path, emulator_home, enclav
         assert error_code(info) == "ValidationException"
 
 
-def test_tampered_or_unusable_documents_refused(kms, kms_endpoint, enclave, attested_key) -> None:
+def test_tampered_or_unusable_documents_refused(parent_kms, kms, kms_endpoint, enclave, attested_key) -> None:
     _, blob = attested_key
     good = document(kms_endpoint.emulator_home, OLD_PCR0, enclave.public_der)
     envelope = cbor2.loads(good)
@@ -123,52 +123,55 @@ def test_tampered_or_unusable_documents_refused(kms, kms_endpoint, enclave, atte
     no_key = document(kms_endpoint.emulator_home, OLD_PCR0, None)
     for doc, reason in ((forged, "signature"), (no_key, "public_key"), (b"\x84garbage", "not valid")):
         with pytest.raises(botocore.exceptions.ClientError) as info:
-            kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
+            parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
         assert error_code(info) == "ValidationException", doc[:10]
         assert reason in str(info.value)
     with pytest.raises(botocore.exceptions.ClientError) as info:
-        kms.decrypt(CiphertextBlob=blob, Recipient={"AttestationDocument": good, "KeyEncryptionAlgorithm": "RSA_PKCS1"})
+        parent_kms.decrypt(
+            CiphertextBlob=blob, Recipient={"AttestationDocument": good, "KeyEncryptionAlgorithm": "RSA_PKCS1"}
+        )
     assert error_code(info) == "ValidationException"
 
 
-def test_rotation_both_values_then_only_new(kms, kms_endpoint, enclave, key_id) -> None:
+def test_rotation_both_values_then_only_new(parent_kms, kms, kms_endpoint, enclave, key_id) -> None:
     blob = kms.encrypt(KeyId=key_id, Plaintext=SECRET)["CiphertextBlob"]
     old_doc = document(kms_endpoint.emulator_home, OLD_PCR0, enclave.public_der)
     new_doc = document(kms_endpoint.emulator_home, NEW_PCR0, enclave.public_der)
     put_attested_statement(kms, key_id, [OLD_PCR0, NEW_PCR0], ["kms:Decrypt"])
     for doc in (old_doc, new_doc):
-        answer = kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
+        answer = parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
         assert decrypt_enveloped_data(answer["CiphertextForRecipient"], enclave.private_key) == SECRET
     put_attested_statement(kms, key_id, [NEW_PCR0], ["kms:Decrypt"])
-    kms.decrypt(CiphertextBlob=blob, Recipient=recipient(new_doc))
+    parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(new_doc))
     with pytest.raises(botocore.exceptions.ClientError) as info:
-        kms.decrypt(CiphertextBlob=blob, Recipient=recipient(old_doc))
+        parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(old_doc))
     assert error_code(info) == "AccessDeniedException"
 
 
-def test_all_conditions_must_match(kms, kms_endpoint, enclave, key_id) -> None:
+def test_all_conditions_must_match(parent_kms, kms, kms_endpoint, enclave, key_id) -> None:
     """Several keys are AND'ed: PCR0 right but PCR8 wrong is denied."""
     pcr8 = "c3" * 48
     put_attested_statement(kms, key_id, [OLD_PCR0], ["kms:Decrypt"], pcr8=[pcr8])
     blob = kms.encrypt(KeyId=key_id, Plaintext=SECRET)["CiphertextBlob"]
     home = kms_endpoint.emulator_home
     ok = document(home, OLD_PCR0, enclave.public_der, pcrs={8: bytes.fromhex(pcr8)})
-    kms.decrypt(CiphertextBlob=blob, Recipient=recipient(ok))
+    parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(ok))
     for doc in (
         document(home, OLD_PCR0, enclave.public_der),
         document(home, OLD_PCR0, enclave.public_der, pcrs={8: b"\x01" * 48}),
     ):
         with pytest.raises(botocore.exceptions.ClientError) as info:
-            kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
+            parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
         assert error_code(info) == "AccessDeniedException"
 
 
-def test_default_policy_and_explicit_deny(kms, kms_endpoint, enclave, key_id) -> None:
-    """Only attested statements grant Recipient requests; the account root's kms:* does not."""
+def test_default_policy_and_explicit_deny(parent_kms, kms, kms_endpoint, enclave, key_id) -> None:
+    """The default policy's root statement grants the role only what its IAM policies grant (nothing);
+    an explicit Deny beats the attested Allow."""
     blob = kms.encrypt(KeyId=key_id, Plaintext=SECRET)["CiphertextBlob"]
     doc = document(kms_endpoint.emulator_home, OLD_PCR0, enclave.public_der)
     with pytest.raises(botocore.exceptions.ClientError) as info:
-        kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
+        parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
     assert error_code(info) == "AccessDeniedException"
     put_attested_statement(kms, key_id, [OLD_PCR0], ["kms:Decrypt"])
     policy = get_policy(kms, key_id)
@@ -177,38 +180,38 @@ def test_default_policy_and_explicit_deny(kms, kms_endpoint, enclave, key_id) ->
     )
     kms.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
     with pytest.raises(botocore.exceptions.ClientError) as info:
-        kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
+        parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
     assert error_code(info) == "AccessDeniedException" and "Freeze" in str(info.value)
 
 
-def test_action_must_be_in_the_statement(kms, kms_endpoint, enclave, key_id) -> None:
+def test_action_must_be_in_the_statement(parent_kms, kms, kms_endpoint, enclave, key_id) -> None:
     put_attested_statement(kms, key_id, [OLD_PCR0], ["kms:Decrypt"])
     doc = document(kms_endpoint.emulator_home, OLD_PCR0, enclave.public_der)
     for call in (
-        lambda: kms.generate_data_key(KeyId=key_id, KeySpec="AES_256", Recipient=recipient(doc)),
-        lambda: kms.generate_data_key_pair(KeyId=key_id, KeyPairSpec="RSA_2048", Recipient=recipient(doc)),
+        lambda: parent_kms.generate_data_key(KeyId=key_id, KeySpec="AES_256", Recipient=recipient(doc)),
+        lambda: parent_kms.generate_data_key_pair(KeyId=key_id, KeyPairSpec="RSA_2048", Recipient=recipient(doc)),
     ):
         with pytest.raises(botocore.exceptions.ClientError) as info:
             call()
         assert error_code(info) == "AccessDeniedException"
 
 
-def test_generate_data_key_with_recipient(kms, kms_endpoint, enclave, attested_key) -> None:
+def test_generate_data_key_with_recipient(parent_kms, kms, kms_endpoint, enclave, attested_key) -> None:
     key_id, _ = attested_key
     doc = document(kms_endpoint.emulator_home, OLD_PCR0, enclave.public_der)
-    answer = kms.generate_data_key(KeyId=key_id, KeySpec="AES_256", Recipient=recipient(doc))
+    answer = parent_kms.generate_data_key(KeyId=key_id, KeySpec="AES_256", Recipient=recipient(doc))
     assert "Plaintext" not in answer
     data_key = decrypt_enveloped_data(answer["CiphertextForRecipient"], enclave.private_key)
     assert len(data_key) == 32
     # CiphertextBlob is the same data key under the KMS key: an attested Decrypt gives it back.
-    again = kms.decrypt(CiphertextBlob=answer["CiphertextBlob"], Recipient=recipient(doc))
+    again = parent_kms.decrypt(CiphertextBlob=answer["CiphertextBlob"], Recipient=recipient(doc))
     assert decrypt_enveloped_data(again["CiphertextForRecipient"], enclave.private_key) == data_key
 
 
-def test_generate_data_key_pair_with_and_without_recipient(kms, kms_endpoint, enclave, key_id) -> None:
+def test_generate_data_key_pair_with_and_without_recipient(parent_kms, kms, kms_endpoint, enclave, key_id) -> None:
     put_attested_statement(kms, key_id, [OLD_PCR0], ["kms:GenerateDataKeyPair"])
     doc = document(kms_endpoint.emulator_home, OLD_PCR0, enclave.public_der)
-    answer = kms.generate_data_key_pair(KeyId=key_id, KeyPairSpec="ECC_NIST_P384", Recipient=recipient(doc))
+    answer = parent_kms.generate_data_key_pair(KeyId=key_id, KeyPairSpec="ECC_NIST_P384", Recipient=recipient(doc))
     assert "PrivateKeyPlaintext" not in answer
     private_der = decrypt_enveloped_data(answer["CiphertextForRecipient"], enclave.private_key)
     private = serialization.load_der_private_key(private_der, password=None)
@@ -225,7 +228,8 @@ def test_generate_data_key_pair_with_and_without_recipient(kms, kms_endpoint, en
     assert error_code(info) == "ValidationException"
 
 
-def test_generate_random_with_recipient(kms, kms_endpoint, enclave) -> None:
+def test_generate_random_with_recipient(parent_kms, kms, kms_endpoint, enclave) -> None:
+    # GenerateRandom has no key: IAM decides. The operator's IAM policies allow it...
     doc = document(kms_endpoint.emulator_home, OLD_PCR0, enclave.public_der)
     answer = kms.generate_random(NumberOfBytes=48, Recipient=recipient(doc))
     assert "Plaintext" not in answer
@@ -234,6 +238,10 @@ def test_generate_random_with_recipient(kms, kms_endpoint, enclave) -> None:
     with pytest.raises(botocore.exceptions.ClientError) as info:
         kms.generate_random(NumberOfBytes=48, Recipient=recipient(other_root))
     assert error_code(info) == "ValidationException"
+    # ...the instance role has no IAM policy (provision.yml attaches none), so it is denied.
+    with pytest.raises(botocore.exceptions.ClientError) as info:
+        parent_kms.generate_random(NumberOfBytes=48, Recipient=recipient(doc))
+    assert error_code(info) == "AccessDeniedException"
 
 
 def test_without_recipient_moto_behaviour_is_unchanged(kms, attested_key) -> None:

@@ -42,7 +42,9 @@ def stored(endpoint: KmsEndpoint, name: str) -> dict:
     return data_key_record.loads(ssm(endpoint).get_parameter(Name=parameter)["Parameter"]["Value"])
 
 
-def test_create_idempotent_and_usable_only_by_the_attested_enclave(tmp_path, kms_endpoint, kms, enclave) -> None:
+def test_create_idempotent_and_usable_only_by_the_attested_enclave(
+    parent_kms, tmp_path, kms_endpoint, kms, enclave
+) -> None:
     name, dest = alias(), tmp_path / "data-key.b64"
     args = {"alias": name, "dest": str(dest), "encryption_context": CONTEXT, "tags": {"team": "payments"}}
     run = run_module_tasks(
@@ -75,7 +77,7 @@ def test_create_idempotent_and_usable_only_by_the_attested_enclave(tmp_path, kms
     # The enclave path: attested Decrypt with the same context yields the data key inside the envelope.
     put_attested_statement(kms, meta["KeyId"], [OLD_PCR0], ["kms:Decrypt"])
     doc = document(kms_endpoint.emulator_home, OLD_PCR0, enclave.public_der)
-    answer = kms.decrypt(CiphertextBlob=blob, EncryptionContext=context, Recipient=recipient(doc))
+    answer = parent_kms.decrypt(CiphertextBlob=blob, EncryptionContext=context, Recipient=recipient(doc))
     data_key = decrypt_enveloped_data(answer["CiphertextForRecipient"], enclave.private_key)
     assert len(data_key) == 32
     assert data_key == kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)["Plaintext"]

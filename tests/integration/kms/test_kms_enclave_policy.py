@@ -203,7 +203,7 @@ def test_every_validation_failure_leaves_the_policy_alone(tmp_path, kms_endpoint
 
 
 def test_remove_of_the_last_value_refused_and_lockout_kept(tmp_path, kms_endpoint, kms, key_id) -> None:
-    admin = f"arn:aws:iam::{ACCOUNT}:role/key-admin"
+    admin = f"arn:aws:iam::{ACCOUNT}:user/local-operator"  # the identity the module runs as (identities.py)
     policy = {
         "Version": "2012-10-17",
         "Statement": [
@@ -225,7 +225,19 @@ def test_remove_of_the_last_value_refused_and_lockout_kept(tmp_path, kms_endpoin
     # Someone hand-converts the admin statement into a conditioned one: the module refuses further writes.
     hijacked = copy.deepcopy(get_policy(kms, key_id))
     hijacked["Statement"][0]["Condition"] = {"StringEquals": {"aws:PrincipalTag/team": "sec"}}
-    kms.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(hijacked))
+    hijacked["Statement"].append(
+        {
+            "Sid": "Readers",
+            "Effect": "Allow",
+            "Principal": {"AWS": admin},
+            "Action": ["kms:Get*", "kms:Describe*"],
+            "Resource": "*",
+        }
+    )
+    # KMS's own lockout check would refuse this (the writer loses PutKeyPolicy), hence the bypass.
+    kms.put_key_policy(
+        KeyId=key_id, PolicyName="default", Policy=json.dumps(hijacked), BypassPolicyLockoutSafetyCheck=True
+    )
     run = run_module_tasks(
         tmp_path,
         kms_endpoint,

@@ -78,7 +78,7 @@ def healthy(pcr0: str = NEW_PCR0) -> dict:
     return {"pcr0": pcr0, "healthy": True}
 
 
-def test_full_rotation_with_hook_then_idempotent(tmp_path, kms_endpoint, kms, key_id, enclave) -> None:
+def test_full_rotation_with_hook_then_idempotent(parent_kms, tmp_path, kms_endpoint, kms, key_id, enclave) -> None:
     put_attested_statement(kms, key_id, [OLD_PCR0], ["kms:Decrypt"])
     blob = kms.encrypt(KeyId=key_id, Plaintext=SECRET)["CiphertextBlob"]
     inv = inventory(tmp_path)
@@ -92,10 +92,12 @@ def test_full_rotation_with_hook_then_idempotent(tmp_path, kms_endpoint, kms, ke
     assert changed["Phase 2 - drop the old image"] is True
     # The new image gets the key, the old one no longer does.
     new_doc = document(kms_endpoint.emulator_home, NEW_PCR0, enclave.public_der)
-    answer = kms.decrypt(CiphertextBlob=blob, Recipient=recipient(new_doc))
+    answer = parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(new_doc))
     assert decrypt_enveloped_data(answer["CiphertextForRecipient"], enclave.private_key) == SECRET
     with pytest.raises(botocore.exceptions.ClientError):
-        kms.decrypt(CiphertextBlob=blob, Recipient=recipient(document(kms_endpoint.emulator_home, OLD_PCR0, None)))
+        parent_kms.decrypt(
+            CiphertextBlob=blob, Recipient=recipient(document(kms_endpoint.emulator_home, OLD_PCR0, None))
+        )
     # Re-run: nothing to change.
     health = {h: healthy() for h in HOSTS}
     run = rotate(tmp_path, kms_endpoint.url, key_id, inventory(tmp_path, health))
@@ -114,7 +116,9 @@ GATE_FAILS = {  # one host per way of not being ready; the gate names each of th
     [(GATE_FAILS, False), ({h: healthy() for h in HOSTS}, True)],
     ids=["gate-refuses", "rollout-failed"],
 )
-def test_failure_mid_way_keeps_both_values(tmp_path, kms_endpoint, kms, key_id, enclave, health, hook_fails) -> None:
+def test_failure_mid_way_keeps_both_values(
+    parent_kms, tmp_path, kms_endpoint, kms, key_id, enclave, health, hook_fails
+) -> None:
     put_attested_statement(kms, key_id, [OLD_PCR0], ["kms:Decrypt"])
     blob = kms.encrypt(KeyId=key_id, Plaintext=SECRET)["CiphertextBlob"]
     run = rotate(
@@ -134,7 +138,7 @@ def test_failure_mid_way_keeps_both_values(tmp_path, kms_endpoint, kms, key_id, 
     # No outage: old and new images both still get the key.
     for pcr0 in (OLD_PCR0, NEW_PCR0):
         doc = document(kms_endpoint.emulator_home, pcr0, enclave.public_der)
-        kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
+        parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
 
 
 def test_split_phases_and_input_checks(tmp_path, kms_endpoint, kms, key_id) -> None:
