@@ -17,7 +17,6 @@ from .conftest import OLD_PCR0, REGION, document, get_policy, recipient, run_pla
 
 def test_default_principal_is_provisions_role_in_the_callers_account(tmp_path, kms_endpoint, kms, parent_kms, enclave):
     alias = f"alias/role-test-{uuid.uuid4().hex[:8]}"
-    data_key_file = tmp_path / "datakey.ciphertext"
     play = [
         {
             "name": "controller part of kms_enclave_policy",
@@ -28,7 +27,6 @@ def test_default_principal_is_provisions_role_in_the_callers_account(tmp_path, k
                 "kms_enclave_policy_local_endpoint": False,
                 "kms_enclave_policy_endpoint_url": kms_endpoint.url,
                 "kms_enclave_policy_region": REGION,
-                "kms_enclave_policy_data_key_file": str(data_key_file),
                 "enclave_image_measurements": {"PCR0": OLD_PCR0, "PCR1": "11" * 48, "PCR2": "22" * 48},
             },
             "tasks": [
