@@ -13,6 +13,7 @@ from enclave_tokenizer.cms import decrypt_enveloped_data
 from tests.conftest import REPO_ROOT
 
 from .conftest import OLD_PCR0, REGION, document, get_policy, recipient, run_playbook
+from .test_data_key import stored
 
 
 def test_default_principal_is_provisions_role_in_the_callers_account(tmp_path, kms_endpoint, kms, parent_kms, enclave):
@@ -49,7 +50,10 @@ def test_default_principal_is_provisions_role_in_the_callers_account(tmp_path, k
     assert attested["Principal"] == {"AWS": [f"arn:aws:iam::{account}:role/enclave-parent"]}
     assert "123456789012:role/nitro-enclave-host" not in json.dumps(get_policy(kms, key_id))
     # The instance role's enclave (and only with the right PCR0) can use the data key the role made.
-    blob = base64.b64decode(data_key_file.read_text())  # the role stores the ciphertext base64-encoded
+    record = stored(kms_endpoint, alias)  # the fleet's data key record, in its SSM parameter
+    blob = base64.b64decode(record["ciphertext"])
     doc = document(kms_endpoint.emulator_home, OLD_PCR0, enclave.public_der)
-    answer = parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
+    answer = parent_kms.decrypt(
+        CiphertextBlob=blob, EncryptionContext=record["encryption_context"], Recipient=recipient(doc)
+    )
     assert len(decrypt_enveloped_data(answer["CiphertextForRecipient"], enclave.private_key)) == 32
