@@ -38,7 +38,7 @@ from nitro_module_utils.eif import EifError, read_eif
 from nitro_module_utils.enclave_spec import differences, parse_run_config, unexpected_measurements
 from nitro_module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, vsock_connect
 
-from .supervisor_state import LastGood, StatusFile, digest_of, wait_settled
+from .supervisor_state import LastGood, StatusFile, digest_of, status_path_for, wait_settled
 from .upgrade import INSTALL_RECORD, UpgradeWatch, default_stamp, file_key, reexec
 
 log = logging.getLogger("enclave-supervisor")
@@ -102,7 +102,7 @@ class Supervisor:
 
     def __post_init__(self) -> None:
         self.last_good = LastGood(self.config_path)
-        self.status = StatusFile(self.status_path)
+        self.status = StatusFile(self.status_path, self.config_path)
 
     def inputs(self) -> tuple[tuple[int, int, int] | None, ...]:
         """(inode, mtime, size) of the configuration, of the EIF it named at the last check and of the
@@ -375,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--failures", type=int, default=3, help="failed health checks before a relaunch (default 3)")
     parser.add_argument("--startup-grace", type=float, default=60.0, help="seconds a new enclave may take to answer")
     parser.add_argument("--nitro-cli", help="nitro-cli binary (default: nitro-cli on PATH)")
-    parser.add_argument("--status-file", type=Path, help="where to report what runs and why (JSON)")
+    parser.add_argument(
+        "--status-file", type=Path, help="where to report what runs and why (JSON; default: <config>.status)"
+    )
     parser.add_argument(
         "--wait",
         type=float,
@@ -394,10 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    status_path = args.status_file or status_path_for(args.config)
     if args.wait is not None:
-        if args.status_file is None:
-            build_parser().error("--wait needs --status-file")
-        ok, reason = wait_settled(args.status_file, args.config, args.wait)
+        ok, reason = wait_settled(status_path, args.config, args.wait)
         if not ok:
             sys.stderr.write(f"{args.config}: {reason}\n")
         return 0 if ok else 1
@@ -409,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup_grace=args.startup_grace,
         cli=NitroCli(args.nitro_cli),
         upgrade=UpgradeWatch(args.upgrade_stamp),
-        status_path=args.status_file,
+        status_path=status_path,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: supervisor.stopping.set())

@@ -6,12 +6,12 @@ link where the file system allows, else a copy). A new configuration or EIF that
 or does not answer within the bound, is rejected and the last good one runs instead, until the inputs
 change again. The configuration file's rename is the commit point: it always names an EIF that exists.
 
-The status file (JSON, written atomically on every change) says what runs and why it is not the
-configuration on disk: ``state`` is one of running, starting, waiting, fallback, failed; ``reason``
-names the cause (nitro-cli's error code and message, a missed health bound); ``config_sha256`` is the
-digest of the configuration it is about, so a reader tells a stale report (the supervisor has not seen
-a new configuration yet) from a current one. The gateway's /healthz and ``enclave-supervisor --wait``
-read it.
+The status file (``<config>.status`` unless told otherwise; JSON, written atomically on every change)
+says what runs and why it is not the configuration on disk: ``state`` is one of running, starting,
+waiting, fallback, failed; ``reason`` names the cause (nitro-cli's error code and message, a missed
+health bound); ``config_sha256`` is the digest of the configuration it is about, so a reader tells a
+stale report (the supervisor has not seen a new configuration yet) from a current one. The gateway's
+/healthz and ``enclave-supervisor --wait`` read it.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ log = logging.getLogger("enclave-supervisor")
 STATES = ("running", "starting", "waiting", "fallback", "failed")
 # A settled answer for the configuration on disk: it runs, or it was rejected for a reason.
 SETTLED = ("running", "fallback")
+
+
+def status_path_for(config_path: Path) -> Path:
+    """Where the supervisor of ``config_path`` reports by default (the role's services need no option)."""
+    return config_path.with_name(config_path.name + ".status")
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -107,13 +112,15 @@ class LastGood:
 
 @dataclass
 class StatusFile:
-    """The supervisor's report; written only when its content changes."""
+    """The supervisor's report about ``config`` (its path is in the report); written when it changes."""
 
     path: Path | None
+    config: Path | None = None
     _last: dict[str, Any] | None = None
 
     def report(self, state: str, config_sha256: str | None, reason: str | None = None, **extra: Any) -> None:
-        body = {"state": state, "reason": reason, "config_sha256": config_sha256, **extra}
+        config = None if self.config is None else str(self.config)
+        body = {"state": state, "reason": reason, "config": config, "config_sha256": config_sha256, **extra}
         if self.path is None or body == self._last:
             return
         try:
@@ -124,7 +131,7 @@ class StatusFile:
         self._last = body
 
 
-def read_status(status_path: Path | str | None, config_path: Path | str | None) -> dict[str, Any] | None:
+def read_status(status_path: Path | str | None) -> dict[str, Any] | None:
     """The supervisor's report as a reader sees it: ``current`` is False when the report is about another
     configuration than the one on disk now (the supervisor has not applied it yet). None: no report."""
     if not status_path:
@@ -135,22 +142,26 @@ def read_status(status_path: Path | str | None, config_path: Path | str | None) 
         return None
     if not isinstance(status, dict) or status.get("state") not in STATES:
         return None
+    config_path = status.get("config")
     current = file_digest(config_path) if config_path else None
     return {
         "state": status["state"],
         "reason": status.get("reason"),
         "running": status.get("running"),
+        "config": config_path,
         "current": current is None or status.get("config_sha256") == current,
         "updated": status.get("updated"),
     }
 
 
 def wait_settled(status_path: Path, config_path: Path, timeout: float, step: float = 1.0) -> tuple[bool, str]:
-    """Wait until the supervisor settled the configuration on disk: (True, "") when it runs healthily,
+    """Wait until the supervisor settled ``config_path`` as it is on disk now: (True, "") when it runs healthily,
     (False, reason) when it was rejected (the last good one runs) or still not running at the timeout."""
     deadline = time.monotonic() + timeout
     while True:
-        status = read_status(status_path, config_path)
+        status = read_status(status_path)
+        if status and status["config"] != str(config_path):
+            status = None  # another enclave's report
         if status and status["current"] and status["state"] in SETTLED:
             return status["state"] == "running", status["reason"] or ""
         if time.monotonic() >= deadline:

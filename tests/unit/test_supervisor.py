@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import sys
 import threading
@@ -15,7 +16,7 @@ import pytest
 from enclave_tokenizer import supervisor as supervisor_module
 from enclave_tokenizer import upgrade
 from enclave_tokenizer.supervisor import FULL_CHECK_EVERY, REEXEC, ConfigError, Supervisor, load_config, run
-from enclave_tokenizer.supervisor_state import StatusFile, read_status, wait_settled
+from enclave_tokenizer.supervisor_state import StatusFile, read_status, status_path_for, wait_settled
 from enclave_tokenizer.upgrade import UpgradeWatch
 from nitro_fakes import FakeHost, make_eif
 from nitro_module_utils.nitro_cli import NitroCli
@@ -354,7 +355,9 @@ def test_a_new_image_that_crashes_at_start_falls_back(host: FakeHost, eif: Path,
     host.state.write_text(json.dumps({"enclaves": [], "next": 9}))  # its app exited: the enclave is gone
     assert sup.check() == "launched"
     assert host.enclaves()[0]["Measurements"]["PCR0"] == old
-    assert "stopped 0 s after its launch; running the previous configuration" in status_of(status)["reason"]
+    assert re.fullmatch(
+        r"enclave tok stopped \d+ s after its launch; running the previous configuration", status_of(status)["reason"]
+    )
     assert sup.check() == "fallback"  # healthy again, on the old image
 
     # Rolling back (the old EIF and configuration put back) adopts the enclave running them: no relaunch.
@@ -372,16 +375,17 @@ def test_wait_reports_what_the_supervisor_settled(tmp_path: Path, eif: Path) -> 
     status = tmp_path / "tok.status.json"
     sha = hashlib.sha256(config.read_bytes()).hexdigest()
     assert wait_settled(status, config, 0, step=0.01) == (False, f"no report from the supervisor in {status} after 0 s")
-    StatusFile(status).report("running", "stale")
+    StatusFile(status, config).report("running", "stale")
     assert wait_settled(status, config, 0, step=0.01) == (False, f"the supervisor has not applied {config} after 0 s")
-    StatusFile(status).report("starting", sha, "launched 3 s ago")
+    StatusFile(status, config).report("starting", sha, "launched 3 s ago")
     assert wait_settled(status, config, 0, step=0.01) == (False, "starting after 0 s: launched 3 s ago")
-    StatusFile(status).report("fallback", sha, "E22: ...; running the previous configuration")
+    StatusFile(status, config).report("fallback", sha, "E22: ...; running the previous configuration")
     assert wait_settled(status, config, 60, step=0.01) == (False, "E22: ...; running the previous configuration")
-    StatusFile(status).report("running", sha)
+    StatusFile(status, config).report("running", sha)
     assert wait_settled(status, config, 60, step=0.01) == (True, "")
-    assert read_status(status, config)["current"] is True
+    assert read_status(status)["current"] is True
     write_config(config, eif, memory_mib=256)
-    assert read_status(status, config)["current"] is False
+    assert read_status(status)["current"] is False
     # The CLI: exit 0 when the configuration on disk runs, 1 with the reason on stderr otherwise.
     assert supervisor_module.main(["--config", str(config), "--status-file", str(status), "--wait", "0"]) == 1
+    assert status_path_for(config) == tmp_path / "tok.json.status"
