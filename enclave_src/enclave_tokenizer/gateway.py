@@ -278,7 +278,7 @@ class Gateway:
                 report = await asyncio.shield(self._recovery)
             except Exception:  # a failed check means "not yet"
                 report = None
-            if report is not None and report["status"] == "ok":
+            if report is not None and report["status"] in ("ok", "degraded"):  # degraded: the previous one serves
                 return True
             if report is not None and report["app"]["answering"] and report["key"]["last_error"]:
                 return False

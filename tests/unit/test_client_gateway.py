@@ -30,7 +30,7 @@ from botocore.credentials import Credentials as BotoCredentials
 from enclave_tokenizer import gateway as gateway_module
 from enclave_tokenizer import kms, upgrade, vsock
 from enclave_tokenizer.client import AsyncClient, Client, EnclaveUnavailable, TokenizerError
-from enclave_tokenizer.gateway import serve
+from enclave_tokenizer.gateway import Gateway, serve
 from enclave_tokenizer.parent import ConfigError, GatewayConfig, load_measurements
 from enclave_tokenizer.supervisor_state import StatusFile
 from enclave_tokenizer.tokens import Tokenizer, capability_digest
@@ -547,6 +547,25 @@ def test_requests_during_a_relaunch_are_held_not_failed(
         code, body = gw.request("POST", "/v1/tokenize", {"pan": PAN})
         assert code == 503 and body["error"]["code"] == "enclave_unavailable"
         assert 20 <= time.monotonic() - start < 29
+
+
+def test_held_requests_are_released_by_the_previous_configuration_serving(tmp_path: Path) -> None:
+    """After a rejected change the last good configuration serves (degraded): held requests go to it."""
+    gateway = Gateway(_gateway_config(tmp_path))
+    down = {"status": "unavailable", "app": {"answering": False}, "key": {"last_error": None}}
+    reports = iter([down, down, {"status": "degraded", "app": {"answering": True}, "key": {"last_error": None}}])
+
+    async def check(provision: bool = True) -> dict[str, Any]:
+        return next(reports)
+
+    gateway.check = check  # type: ignore[method-assign]
+    start = time.monotonic()
+    assert asyncio.run(gateway._recovered(time.monotonic() + 20)) is True
+    assert time.monotonic() - start < 10
+    # An enclave that answers but whose key was refused will not change by waiting: released at once, False.
+    refused = {"status": "unavailable", "app": {"answering": True}, "key": {"last_error": {"code": "kms_denied"}}}
+    reports = iter([refused])
+    assert asyncio.run(gateway._recovered(time.monotonic() + 20)) is False
 
 
 def test_healthz_reports_the_supervisors_reason(vsock_dir: Path, tmp_path: Path) -> None:
