@@ -169,12 +169,14 @@ def watch_reasons(parent: Parent, until: Callable[[], bool], timeout: float) -> 
     """The distinct reasons /healthz gave until ``until()`` (or the timeout)."""
     seen: list[str] = []
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not until():
-        reason = parent.health()[1].get("reason")
+    while True:
+        done = until() or time.monotonic() >= deadline
+        reason = parent.health()[1].get("reason")  # also the one given when it is over
         if reason and f"/healthz: {reason}" not in seen:
             seen.append(f"/healthz: {reason}")
+        if done:
+            return seen
         time.sleep(0.5)
-    return seen
 
 
 def kill_enclave(parent: Parent) -> None:
