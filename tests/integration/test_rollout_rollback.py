@@ -27,6 +27,7 @@ IMAGE = "nitro-ansible/systemd:bookworm"
 HOST = "nitro-safe-rollback-1"
 KMS_PORT = 44611
 GATEWAY = "127.0.0.1:19511"
+HOLD_S = 120  # covers two enclave boots (the bad image's, then the previous one's) on a loaded 2-core machine
 
 
 def _playbook(inventory: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -54,9 +55,8 @@ def fleet(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "kms_enclave_policy_local_port": KMS_PORT,
         "nitro_allocator_cpu_count": 1,
         "nitro_enclave_cpu_count": 1,
-        # Long enough to cover two enclave boots (the bad image's, then the previous one's) on a loaded
-        # 2-core machine: the test checks that held requests are answered, not how fast the host boots.
-        "vsock_tokenizer_hold_timeout": 120,
+        # The test checks that held requests are answered, not how fast the host boots.
+        "vsock_tokenizer_hold_timeout": HOLD_S,
         "enclave_image_build_dir": str(REPO_ROOT / ".cache" / "enclave-build" / "rollback-test"),
     }
     inventory.write_text(
@@ -96,7 +96,7 @@ def _bad_source(tmp: Path, dockerfile_tail: str) -> Path:
 def test_a_bad_image_is_rolled_back_and_a_good_one_rolls_with_no_request_lost(fleet: Path, tmp_path: Path) -> None:
     old_pcr0 = _attested_pcr0()
     crashing = _bad_source(tmp_path, '\nCMD ["python3", "-c", "raise SystemExit(\'crashes at start\')"]\n')
-    with Load(f"http://{GATEWAY}") as load:
+    with Load(f"http://{GATEWAY}", timeout=HOLD_S + 30) as load:
         bad = _playbook(fleet, "playbooks/rollout.yml", "-e", "enclave_image_version=crash-1",
                         "-e", f"enclave_image_src={crashing}")  # fmt: skip
     print(f"\nrollout of an image that crashes at start, 1 host: {load.figures()}")
@@ -108,7 +108,7 @@ def test_a_bad_image_is_rolled_back_and_a_good_one_rolls_with_no_request_lost(fl
     assert old_pcr0 in _policy_text()
     assert load.failed == 0, load.figures()
 
-    with Load(f"http://{GATEWAY}") as load:
+    with Load(f"http://{GATEWAY}", timeout=HOLD_S + 30) as load:
         good = _playbook(fleet, "playbooks/rollout.yml", "-e", "enclave_image_version=good-2")
     print(f"rollout of a good image, 1 host: {load.figures()}")
     assert good.returncode == 0, good.stdout[-4000:]
