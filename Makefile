@@ -12,7 +12,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export NITRO_ANSIBLE_ROOT := $(CURDIR)
 export NITRO_ANSIBLE_WHEELHOUSE := $(CURDIR)/$(WHEELHOUSE)
 
-.PHONY: help setup venv docker images wheelhouse site test test-fast test-unit test-integration test-molecule lint bench docs clean
+.PHONY: help setup venv docker images wheelhouse site test test-fast test-unit test-integration test-molecule lint bench chaos docs clean
 
 help:
 	@echo "make site   - set up if needed, then run site.yml on the default inventory (localhost, emulated)"
@@ -88,6 +88,10 @@ test: setup lint
 bench: setup
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || true
 	$(BIN)/python -m tests.bench
+
+# Faults under load (bad variable, bad images, killed enclave, KMS down, gateway restart): figures only.
+chaos: setup
+	$(BIN)/python -m tests.bench.chaos
 
 # Role READMEs are generated from meta/argument_specs.yml (a unit test checks they are current).
 docs: venv

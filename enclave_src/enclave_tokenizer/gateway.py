@@ -33,6 +33,7 @@ from aiohttp import web
 from . import parent
 from .client import AsyncClient, EnclaveUnavailable, TokenizerError
 from .parent import ConfigError, GatewayConfig
+from .supervisor_state import read_status
 from .upgrade import UpgradeWatch, default_stamp, reexec
 
 log = logging.getLogger("enclave_tokenizer.gateway")
@@ -55,6 +56,9 @@ _DESCRIBE_TTL_UNANSWERED = 5.0
 _MAX_HEALTH_WAIT_S = 300.0
 _HEALTH_WAIT_STEP_S = 0.5
 _MAX_BACKOFF = 60.0
+# Errors of an enclave that is relaunching or not yet re-provisioned: requests wait (hold_timeout) for it.
+_HELD_CODES = ("enclave_unavailable", "not_provisioned")
+_HOLD_STEP_S = 0.1
 _UPGRADE_CHECK_S = 5.0
 # A card-network test number (never a real card): what ?canary=1 tokenizes.
 CANARY_PAN = "4111111111111111"
@@ -62,6 +66,29 @@ CANARY_PAN = "4111111111111111"
 
 def _error(code: str, message: str, status: int | None = None) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status or _STATUS.get(code, 502))
+
+
+def health_reason(report: dict[str, Any]) -> str | None:
+    """Why /healthz is not ok, in one line: the supervisor's reason first (it knows why the enclave is not
+    what the configuration says), then what the gateway saw."""
+    if report["status"] == "ok":
+        return None
+    supervisor = report.get("supervisor") or {}
+    if supervisor.get("reason") and supervisor.get("current") and supervisor.get("state") != "running":
+        return f"supervisor: {supervisor['state']}: {supervisor['reason']}"
+    enclave = report["enclave"]
+    if enclave.get("state") not in ("RUNNING", "UNCHECKED"):
+        detail = enclave.get("error") or f"nitro-cli describe-enclaves shows no enclave {enclave.get('name')!r}"
+        return f"enclave {enclave.get('state')}: {detail}"
+    if not report["app"]["answering"]:
+        return f"the enclave app does not answer: {report['app']['error']}"
+    error = report["key"]["last_error"]
+    if not report["key"]["provisioned"]:
+        return f"key not provisioned: {error['code']}: {error['message']}" if error else "key not provisioned yet"
+    for check in ("attestation", "canary"):
+        if check in report and not report[check].get("valid", report[check].get("ok")):
+            return f"{check} failed: {report[check].get('error')}"
+    return None
 
 
 class Gateway:
@@ -80,6 +107,7 @@ class Gateway:
         self.key_check: str | None = None
         self.unexpected_key_change: dict[str, str] | None = None
         self._rotating = False
+        self._recovery: asyncio.Future[dict[str, Any]] | None = None  # the check held requests share
 
     def _current_cid(self) -> int:
         if self.cid is None:
@@ -180,8 +208,13 @@ class Gateway:
         key_error = (health or {}).get("last_provision_error") or self.provision_error
         if not provisioned and key_error is None and not self.config.provisioning_configured:
             key_error = {"code": "config_error", "message": "kms_region/kms_ciphertext_file not configured"}
+        supervisor = read_status(self.config.supervisor_status_file)
+        status = "ok" if running and health is not None and provisioned else "unavailable"
+        if status == "ok" and supervisor and supervisor["current"] and supervisor["state"] == "fallback":
+            status = "degraded"  # serving, but not the configuration on disk: the supervisor says why
         return {
-            "status": "ok" if running and health is not None and provisioned else "unavailable",
+            "status": status,
+            "supervisor": supervisor,
             "enclave": self.enclave,
             "app": {
                 "answering": health is not None,
@@ -252,13 +285,39 @@ class Gateway:
         items = enclave_request.get(many)
         if items is not None and isinstance(items, list) and len(items) > self.config.max_batch:
             return _error("batch_too_large", f"at most {self.config.max_batch} items per request")
-        try:
-            return web.json_response(await self.client.request(enclave_request))
-        except EnclaveUnavailable as exc:
-            log.warning("enclave unavailable: %s", exc.message)
-            return _error(exc.code, "the enclave is not answering")
-        except TokenizerError as exc:
-            return _error(exc.code, exc.message)
+        deadline = time.monotonic() + self.config.hold_timeout
+        while True:
+            try:
+                return web.json_response(await self.client.request(enclave_request))
+            except TokenizerError as exc:
+                # An enclave being relaunched (or re-provisioned) comes back: hold the request rather than
+                # answer 503. Every operation is idempotent, so sending it again is safe.
+                if exc.code in _HELD_CODES and time.monotonic() < deadline and await self._recovered(deadline):
+                    continue
+                if isinstance(exc, EnclaveUnavailable):
+                    log.warning("enclave unavailable: %s", exc.message)
+                    return _error(exc.code, "the enclave is not answering")
+                return _error(exc.code, exc.message)
+
+    async def _recovered(self, deadline: float) -> bool:
+        """Wait (until ``deadline``) for the enclave to answer provisioned again; False at once when it
+        answers but its provisioning failed (nothing will change by waiting). Held requests share one
+        check at a time."""
+        while True:
+            if self._recovery is None or self._recovery.done():
+                self._recovery = asyncio.ensure_future(self.check(provision=True))
+            try:
+                report = await asyncio.shield(self._recovery)
+            except Exception:  # a failed check means "not yet"
+                report = None
+            if report is not None and report["status"] in ("ok", "degraded"):  # degraded: the previous one serves
+                return True
+            if report is not None and report["app"]["answering"] and report["key"]["last_error"]:
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(_HOLD_STEP_S, remaining))
 
     async def handle_tokenize(self, request: web.Request) -> web.Response:
         try:
@@ -313,8 +372,11 @@ class Gateway:
                 report["canary"] = await self.canary()
                 if not report["canary"]["ok"]:
                     report["status"] = "unavailable"
-            if report["status"] == "ok" or last:
-                return web.json_response(report, status=200 if report["status"] == "ok" else 503)
+            # The supervisor rejected the configuration on disk: waiting longer changes nothing.
+            rejected = (report["supervisor"] or {}).get("state") == "fallback" and report["supervisor"]["current"]
+            if report["status"] == "ok" or last or rejected:
+                report["reason"] = health_reason(report)
+                return web.json_response(report, status=200 if report["status"] in ("ok", "degraded") else 503)
             await asyncio.sleep(min(_HEALTH_WAIT_STEP_S, max(deadline - time.monotonic(), 0.0)))
 
     # ---------------------------------------------------------------- lifecycle

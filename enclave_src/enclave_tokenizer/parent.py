@@ -59,6 +59,10 @@ class GatewayConfig:
     detokenize_capability_sha256: str | None = None
     # Attestation check for `/healthz?attest=1` and `enclave-tokenizer attest --verify`.
     measurements_file: str | None = None  # <eif>.measurements.json
+    # The enclave supervisor's report (<run config>.status): why the configuration on disk is not what runs.
+    supervisor_status_file: str | None = None
+    # Seconds a request waits for an enclave being relaunched (re-provisioned) before it is answered 503.
+    hold_timeout: float = 30.0
     attestation_root_pem: str | None = None  # default: AWS Nitro Enclaves Root G1
     allow_debug: bool = False
     log_level: str = "INFO"

@@ -39,6 +39,7 @@ from nitro_module_utils.eif_provenance import require_runnable_here
 from nitro_module_utils.enclave_spec import differences, parse_run_config, unexpected_measurements
 from nitro_module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, vsock_connect
 
+from .supervisor_state import LastGood, StatusFile, digest_of, status_path_for, wait_settled
 from .upgrade import INSTALL_RECORD, UpgradeWatch, default_stamp, file_key, reexec
 
 log = logging.getLogger("enclave-supervisor")
@@ -54,12 +55,20 @@ class ConfigError(Exception):
     """The run configuration cannot be used; names the file and the problem."""
 
 
-def load_config(path: Path) -> dict[str, Any]:
-    """Reads a run configuration and returns it as nitro_enclave module parameters (plus measurements)."""
+def load_config(path: Path, text: bytes | None = None) -> dict[str, Any]:
+    """Reads a run configuration (or parses its ``text``, already read) and returns it as nitro_enclave
+    module parameters (plus measurements)."""
     try:
-        return parse_run_config(path.read_text())
+        return parse_run_config(path.read_text() if text is None else text.decode())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def error_reason(exc: NitroCliError) -> str:
+    """nitro-cli's error as one line: ``E22: Insufficient CPUs available in the pool. ...``."""
+    lines = exc.message.strip().splitlines()
+    first = lines[0].rstrip(".") if lines else str(exc)
+    return f"E{exc.code:02d}: {first}" if exc.code is not None else first
 
 
 @dataclass
@@ -74,14 +83,27 @@ class Supervisor:
     stopping: threading.Event = field(default_factory=threading.Event)
     # The tools' install record: run() hands over to a re-executed process when it changes.
     upgrade: UpgradeWatch = field(default_factory=lambda: UpgradeWatch(None))
+    # Where the report for the gateway and the roles goes (None: nowhere).
+    status_path: Path | None = None
     _failures: int = 0
     _launched_at: float = 0.0
-    _measured: tuple[tuple[str, tuple[int, int, int] | None], dict[str, str]] | None = None
+    _measured: dict[tuple[str, tuple[int, int, int] | None], dict[str, str]] = field(default_factory=dict)
     _eif_path: str | None = None
     _healthy_cid: int | None = None  # CID of the enclave the last full check found matching and answering
     _quick_checks: int = 0
     _checked_inputs: tuple[tuple[int, int, int] | None, ...] | None = None
     _held: tuple[tuple[int, int, int] | None, ...] | None = None  # inputs last found disagreeing (logged once)
+    config_sha256: str | None = None  # of the configuration the last full check read
+    # (config digest, EIF key) of a configuration that failed, and why: the last good one runs instead.
+    _rejected: tuple[tuple[Any, ...], str] | None = None
+    _trial: tuple[tuple[Any, ...], float] | None = None  # an unproven configuration launched at (monotonic)
+    _pending_reason: str | None = None
+    last_good: LastGood = field(init=False)
+    status: StatusFile = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.last_good = LastGood(self.config_path)
+        self.status = StatusFile(self.status_path, self.config_path)
 
     def inputs(self) -> tuple[tuple[int, int, int] | None, ...]:
         """(inode, mtime, size) of the configuration, of the EIF it named at the last check and of the
@@ -104,11 +126,13 @@ class Supervisor:
     def measurements(self, eif_path: str, eif_key: tuple[int, int, int] | None) -> dict[str, str]:
         """The EIF's PCRs, recomputed only when the file changed (a GiB EIF takes seconds to hash)."""
         key = (eif_path, eif_key)
-        if self._measured is None or self._measured[0] != key:
+        if key not in self._measured:
+            if len(self._measured) > 4:  # the current EIF, the last good one, and a replaced one or two
+                self._measured.clear()
             image = read_eif(eif_path)
             require_runnable_here(image)  # a placeholder EIF never runs on a Nitro host
-            self._measured = (key, dict(image.measurements))
-        return self._measured[1]
+            self._measured[key] = dict(image.measurements)
+        return self._measured[key]
 
     def check(self) -> str:
         """One reconciliation. Returns what it did: ok, starting, unhealthy, launched, relaunched, stopping,
@@ -138,9 +162,15 @@ class Supervisor:
     def _full_check(self) -> tuple[str, int | None]:
         # Stat before reading: a change made while this check runs is seen by the next watch step.
         config_key = file_key(self.config_path)
-        spec = load_config(self.config_path)
+        try:
+            text = self.config_path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{self.config_path}: {exc}") from None
+        self.config_sha256 = digest_of(text)
+        spec = load_config(self.config_path, text)
         self._eif_path = spec["eif_path"]
         self._checked_inputs = (config_key, file_key(self._eif_path), self.upgrade.key())
+        inputs = (self.config_sha256, self._checked_inputs[1])
         measurements = self.measurements(spec["eif_path"], self._checked_inputs[1])
         unexpected = unexpected_measurements(measurements, spec["measurements"])
         if unexpected:
@@ -150,8 +180,42 @@ class Supervisor:
                     "%s is not the image %s expects (%s): leaving enclave %s as it is until they agree",
                     spec["eif_path"], self.config_path, "; ".join(unexpected), spec["name"],
                 )  # fmt: skip
+            reason = f"{spec['eif_path']} is not the image the configuration expects: " + "; ".join(unexpected)
+            self.status.report("waiting", self.config_sha256, reason)
             return "waiting", None
         self._held = None
+        if self._rejected is not None and self._rejected[0] == inputs:
+            return self._run_last_good(self._rejected[1])
+        self._rejected = None
+        last_good = self.last_good.load()
+        trial = last_good is not None and not self._same_as(spec, measurements, last_good)
+        if not trial and self._trial is not None:
+            self._trial = None
+        result, cid = self._reconcile(spec, measurements, inputs if trial else None)
+        if result == "ok":
+            self._trial = None
+            if last_good is None or trial:
+                self.last_good.save(spec, measurements)
+            self.status.report("running", self.config_sha256, running="current")
+        elif self._rejected is None:
+            self.status.report("starting", self.config_sha256, self._pending_reason, running="current")
+        return result, cid
+
+    def _same_as(self, spec: dict[str, Any], measurements: dict[str, str], other: dict[str, Any]) -> bool:
+        """Whether ``spec`` (with its EIF's measurements) is what ``other`` runs, wherever its EIF lives."""
+        if {k: v for k, v in spec.items() if k not in ("eif_path", "measurements")} != {
+            k: v for k, v in other.items() if k not in ("eif_path", "measurements")
+        }:
+            return False
+        theirs = self.measurements(other["eif_path"], file_key(other["eif_path"]))
+        return all(measurements.get(pcr) == theirs.get(pcr) for pcr in ("PCR0", "PCR1", "PCR2"))
+
+    def _reconcile(
+        self, spec: dict[str, Any], measurements: dict[str, str], trial: tuple[Any, ...] | None
+    ) -> tuple[str, int | None]:
+        """Make the enclave run ``spec``. ``trial`` (the inputs' identity) marks a configuration that never
+        ran healthily while a last good one exists: it is rejected rather than retried when it fails."""
+        self._pending_reason = None
         records = self.cli.enclaves_named(spec["name"])
         if len(records) > 1:
             self.terminate(spec["name"], f"{len(records)} enclaves share the name")
@@ -160,20 +224,63 @@ class Supervisor:
             changed = differences(records[0], spec, measurements)
             if changed:
                 self.terminate(spec["name"], "configuration changed: " + "; ".join(changed))
-                return ("relaunched" if self.launch(spec) else "stopping"), None
-            return self.watch_health(spec, records[0]), int(records[0]["EnclaveCID"])
+                return self._launch(spec, trial, "relaunched"), None
+            return self.watch_health(spec, records[0], trial), int(records[0]["EnclaveCID"])
+        if trial is not None and self._trial is not None and self._trial[0] == trial:
+            since = time.monotonic() - self._trial[1]
+            return self._fall_back(
+                spec["name"], trial, f"enclave {spec['name']} stopped {since:.0f} s after its launch"
+            )
         log.info("enclave %s is not running: launching", spec["name"])
-        return ("launched" if self.launch(spec) else "stopping"), None
+        return self._launch(spec, trial, "launched"), None
 
-    def watch_health(self, spec: dict[str, Any], record: dict[str, Any]) -> str:
+    def _launch(self, spec: dict[str, Any], trial: tuple[Any, ...] | None, done: str) -> str:
+        try:
+            launched = self.launch(spec)
+        except NitroCliError as exc:
+            if trial is None:
+                raise
+            return self._fall_back(spec["name"], trial, error_reason(exc))[0]
+        if trial is not None:
+            self._trial = (trial, time.monotonic())
+        return done if launched else "stopping"
+
+    def _fall_back(self, name: str, inputs: tuple[Any, ...], cause: str) -> tuple[str, int | None]:
+        """Reject the configuration on disk (until its inputs change) and run the last good one."""
+        reason = f"{cause}; running the previous configuration"
+        log.error("%s: %s", self.config_path, reason)
+        self._rejected = (inputs, reason)
+        self._trial = None
+        self.terminate(name, "the new configuration failed")
+        return self._run_last_good(reason)
+
+    def _run_last_good(self, reason: str) -> tuple[str, int | None]:
+        spec = self.last_good.load()
+        if spec is None:
+            raise ConfigError(f"{reason}, but {self.last_good.path} is gone")
+        self.status.report("fallback", self.config_sha256, reason, running="last-good")
+        measurements = self.measurements(spec["eif_path"], file_key(spec["eif_path"]))
+        result, cid = self._reconcile(spec, measurements, None)
+        return ("fallback" if result == "ok" else result), cid
+
+    def watch_health(self, spec: dict[str, Any], record: dict[str, Any], trial: tuple[Any, ...] | None = None) -> str:
         if self.health_port is None:
             return "ok"
         try:
             vsock_connect(int(record["EnclaveCID"]), self.health_port, timeout=2.0).close()
         except OSError as exc:
-            if time.monotonic() - self._launched_at < self.startup_grace:
+            waited = time.monotonic() - self._launched_at
+            if waited < self.startup_grace:
+                self._pending_reason = (
+                    f"launched {waited:.0f} s ago, not answering on vsock port {self.health_port} yet"
+                )
                 return "starting"
+            if trial is not None:
+                port, grace = self.health_port, self.startup_grace
+                cause = f"enclave {spec['name']} did not answer on vsock port {port} within {grace:.0f} s of its launch"
+                return self._fall_back(spec["name"], trial, cause)[0]
             self._failures += 1
+            self._pending_reason = f"not answering on vsock port {self.health_port} ({exc})"
             log.warning(
                 "enclave %s does not answer on vsock port %d (%s), %d/%d",
                 spec["name"],
@@ -243,6 +350,8 @@ def run(supervisor: Supervisor, interval: float) -> int:
         except (ConfigError, EifError, NitroCliError, OSError) as exc:
             # Keep trying with a growing delay: the cause (a bad EIF, an exhausted pool) may be fixed by ops.
             log.error("%s; retrying in %.0f s", exc, backoff)
+            reason = error_reason(exc) if isinstance(exc, NitroCliError) else str(exc)
+            supervisor.status.report("failed", supervisor.config_sha256, f"{reason}; retrying in {backoff:.0f} s")
             stop.wait(backoff)
             backoff = min(backoff * 2, 60.0)
             continue
@@ -270,6 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--startup-grace", type=float, default=60.0, help="seconds a new enclave may take to answer")
     parser.add_argument("--nitro-cli", help="nitro-cli binary (default: nitro-cli on PATH)")
     parser.add_argument(
+        "--status-file", type=Path, help="where to report what runs and why (JSON; default: <config>.status)"
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="do not supervise: wait until the running supervisor settled --config (exit 0: it runs healthily; "
+        "1: rejected or not running in time, the reason on stderr)",
+    )
+    parser.add_argument(
         "--upgrade-stamp",
         type=Path,
         default=default_stamp(),
@@ -280,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    status_path = args.status_file or status_path_for(args.config)
+    if args.wait is not None:
+        ok, reason = wait_settled(status_path, args.config, args.wait)
+        if not ok:
+            sys.stderr.write(f"{args.config}: {reason}\n")
+        return 0 if ok else 1
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     supervisor = Supervisor(
         config_path=args.config,
@@ -288,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup_grace=args.startup_grace,
         cli=NitroCli(args.nitro_cli),
         upgrade=UpgradeWatch(args.upgrade_stamp),
+        status_path=status_path,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: supervisor.stopping.set())

@@ -134,6 +134,11 @@ elif cmd == "run-enclave":
             ids.append(int(argv[i])); i += 1
     else:
         ids = list(range(1, 1 + int(opt("--cpu-count"))))
+    pool = os.environ.get("FAKE_NITRO_CPU_POOL")  # the allocator's pool size, as nitro-cli checks it
+    if pool and len(ids) > int(pool):
+        fail(22, f"Insufficient CPUs available in the pool. User provided `cpu-count` is {len(ids)}, which is "
+                 "more than the configured CPU pool size.\nYou can increase the CPU pool size by editing the "
+                 "`cpu_count` value from '/etc/nitro_enclaves/allocator.yaml'")
     memory = int(opt("--memory"))
     memory += memory % 2
     slot = state["next"]; state["next"] += 1
@@ -221,6 +226,7 @@ class FakeHost:
         monkeypatch.delenv("NITRO_CLI_BIN", raising=False)
         monkeypatch.delenv("FAKE_NITRO_FAIL", raising=False)
         monkeypatch.delenv("FAKE_NITRO_KERNEL", raising=False)
+        monkeypatch.delenv("FAKE_NITRO_CPU_POOL", raising=False)
 
     def enclaves(self) -> list[dict[str, Any]]:
         if not self.state.exists():

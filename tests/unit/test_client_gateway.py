@@ -30,8 +30,9 @@ from botocore.credentials import Credentials as BotoCredentials
 from enclave_tokenizer import gateway as gateway_module
 from enclave_tokenizer import kms, upgrade, vsock
 from enclave_tokenizer.client import AsyncClient, Client, EnclaveUnavailable, TokenizerError
-from enclave_tokenizer.gateway import serve
+from enclave_tokenizer.gateway import Gateway, serve
 from enclave_tokenizer.parent import ConfigError, GatewayConfig, load_measurements
+from enclave_tokenizer.supervisor_state import StatusFile
 from enclave_tokenizer.tokens import Tokenizer, capability_digest
 from enclave_tokenizer.upgrade import UpgradeWatch
 from tokenizer_harness import CAPABILITY, TEST_KEY, RunningServer, running_server
@@ -250,6 +251,8 @@ def _gateway_config(tmp_path: Path, **kw: Any) -> GatewayConfig:
         "enclave_cid": 16,
         "monitor_interval": 0.3,
         "request_timeout": 10.0,
+        # Requests to a missing enclave are held this long (tests of the 503 answer stay quick).
+        "hold_timeout": 0.5,
         "measurements_file": str(measurements),
         "detokenize_capability_sha256": capability_digest(CAPABILITY),
     }
@@ -505,6 +508,109 @@ def test_healthz_wait_holds_the_answer_until_healthy(vsock_dir: Path, tmp_path: 
             srv.provision_directly()
             waiting.join(30)
         assert answer["result"][0] == 200 and answer["result"][1]["key"]["provisioned"] is True
+
+
+def test_requests_during_a_relaunch_are_held_not_failed(
+    vsock_dir: Path, tmp_path: Path, local_kms: str, nsm: Path, proxy: int, aws_creds: None
+) -> None:
+    config = _gateway_config(
+        tmp_path,
+        kms_region="us-east-1",
+        kms_ciphertext_file=str(_data_key(local_kms, tmp_path, PCRS[0].hex())),
+        kms_endpoint=local_kms,
+        kms_proxy_port=proxy,
+        monitor_interval=30.0,  # the held requests themselves bring the new enclave back, not the monitor
+        hold_timeout=20.0,
+    )
+    answers: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            code, body = gw.request("POST", "/v1/tokenize", {"pan": PAN})
+            answers.append((code, time.monotonic() - start))
+            assert code != 200 or body["token"] == token
+
+    with GatewayThread(config) as gw:
+        with running_server(vsock_dir, proxy_port=proxy):
+            gw.wait_health(200)
+            token = gw.request("POST", "/v1/tokenize", {"pan": PAN})[1]["token"]
+            clients = [threading.Thread(target=client) for _ in range(4)]
+            for thread in clients:
+                thread.start()
+            time.sleep(0.3)
+        time.sleep(1.5)  # the enclave is being relaunched: nothing listens
+        with running_server(vsock_dir, proxy_port=proxy):
+            time.sleep(0.5)
+            stop.set()
+            for thread in clients:
+                thread.join(30)
+        assert answers and all(code == 200 for code, _ in answers), answers
+        assert max(seconds for _, seconds in answers) >= 1.5  # some were held through the relaunch
+        # A relaunch that does not come back within the bound is answered 503 after it.
+        start = time.monotonic()
+        code, body = gw.request("POST", "/v1/tokenize", {"pan": PAN})
+        assert code == 503 and body["error"]["code"] == "enclave_unavailable"
+        assert 20 <= time.monotonic() - start < 29
+
+
+def test_held_requests_are_released_by_the_previous_configuration_serving(tmp_path: Path) -> None:
+    """After a rejected change the last good configuration serves (degraded): held requests go to it."""
+    gateway = Gateway(_gateway_config(tmp_path))
+    down = {"status": "unavailable", "app": {"answering": False}, "key": {"last_error": None}}
+    reports = iter([down, down, {"status": "degraded", "app": {"answering": True}, "key": {"last_error": None}}])
+
+    async def check(provision: bool = True) -> dict[str, Any]:
+        return next(reports)
+
+    gateway.check = check  # type: ignore[method-assign]
+    start = time.monotonic()
+    assert asyncio.run(gateway._recovered(time.monotonic() + 20)) is True
+    assert time.monotonic() - start < 10
+    # An enclave that answers but whose key was refused will not change by waiting: released at once, False.
+    refused = {"status": "unavailable", "app": {"answering": True}, "key": {"last_error": {"code": "kms_denied"}}}
+    reports = iter([refused])
+    assert asyncio.run(gateway._recovered(time.monotonic() + 20)) is False
+
+
+def test_healthz_reports_the_supervisors_reason(vsock_dir: Path, tmp_path: Path) -> None:
+    run_config = tmp_path / "tok.json"
+    run_config.write_text("{}")
+    status = tmp_path / "tok.json.status"
+    supervisor = StatusFile(status, run_config)
+    config = _gateway_config(tmp_path, supervisor_status_file=str(status))
+    sha = hashlib.sha256(run_config.read_bytes()).hexdigest()
+    reason = "E22: Insufficient CPUs available in the pool; running the previous configuration"
+    with GatewayThread(config) as gw:
+        # Nothing runs and the supervisor says why: the 503 carries its reason, not a bare status.
+        failed = "E26: Insufficient memory requested; retrying in 5 s"
+        supervisor.report("failed", sha, failed)
+        code, report = gw.request("GET", "/healthz")
+        assert code == 503 and report["reason"] == f"supervisor: failed: {failed}"
+        with running_server(vsock_dir) as srv:
+            srv.provision_directly()
+            supervisor.report("running", sha, running="current")
+            assert gw.wait_health(200)["reason"] is None
+            # The configuration on disk was rejected; the previous one serves: degraded, with the reason, and a
+            # waiting health request answers at once (waiting changes nothing).
+            supervisor.report("fallback", sha, reason, running="last-good")
+            start = time.monotonic()
+            code, report = gw.request("GET", "/healthz?wait=20")
+            assert time.monotonic() - start < 10
+            assert (code, report["status"], report["reason"]) == (200, "degraded", f"supervisor: fallback: {reason}")
+            assert report["supervisor"]["current"] is True and report["supervisor"]["running"] == "last-good"
+            # A new configuration the supervisor has not applied yet: its old report is not about it.
+            run_config.write_text('{"new": 1}')
+            code, report = gw.request("GET", "/healthz")
+            assert (code, report["status"], report["supervisor"]["current"]) == (200, "ok", False)
+            srv.unprovision()
+            code, report = gw.request("GET", "/healthz")
+            assert (
+                code == 503
+                and report["reason"]
+                == "key not provisioned: config_error: kms_region/kms_ciphertext_file not configured"
+            )
 
 
 def test_config_load_env_and_measurements(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,9 @@ an enclave that stops answering on vsock, terminate on stop, never launch while 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import socket
 import sys
 import threading
@@ -14,6 +16,7 @@ import pytest
 from enclave_tokenizer import supervisor as supervisor_module
 from enclave_tokenizer import upgrade
 from enclave_tokenizer.supervisor import FULL_CHECK_EVERY, REEXEC, ConfigError, Supervisor, load_config, run
+from enclave_tokenizer.supervisor_state import StatusFile, read_status, status_path_for, wait_settled
 from enclave_tokenizer.upgrade import UpgradeWatch
 from nitro_fakes import FakeHost, make_eif
 from nitro_module_utils.nitro_cli import NitroCli
@@ -271,3 +274,118 @@ def test_between_checks_a_settled_change_ends_the_wait(
     start = time.monotonic()
     sup.wait_for_next_check(60)
     assert time.monotonic() - start < 30
+
+
+# ---------------------------------------------------------------------------------------------
+# The last good configuration: a change that cannot run never takes the healthy enclave down for long.
+
+
+def status_of(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_a_configuration_that_cannot_launch_falls_back_to_the_last_good(
+    host: FakeHost, eif: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_NITRO_CPU_POOL", "2")
+    config = write_config(tmp_path / "tok.json", eif)
+    status = tmp_path / "run" / "tok.status.json"
+    sup = Supervisor(config_path=config, health_port=None, startup_grace=0, cli=NitroCli(), status_path=status)
+    assert sup.check() == "launched"
+    assert sup.check() == "ok"
+    assert status_of(status)["state"] == "running"
+    kept = load_config(config.with_name("tok.json.last-good"))
+    assert kept["cpu_count"] == 2 and Path(kept["eif_path"]).samefile(eif)  # a hard link to the EIF that ran
+
+    # A bad variable: more CPUs than the pool. The relaunch fails with E22, the previous one runs again.
+    write_config(config, eif, cpu_count=3)
+    assert sup.check() == "launched"  # the last good one, after the failed attempt
+    (record,) = host.enclaves()
+    assert record["NumberOfCPUs"] == 2
+    report = status_of(status)
+    assert report["state"] == "fallback" and report["running"] == "last-good"
+    assert report["reason"].startswith("E22: Insufficient CPUs available in the pool. User provided `cpu-count` is 3")
+    assert report["reason"].endswith("more than the configured CPU pool size; running the previous configuration")
+    assert report["config_sha256"] == hashlib.sha256(config.read_bytes()).hexdigest()
+    # Rejected until the inputs change: no launch attempt per check, the last good one is left running.
+    launches = host.subcommands().count("run-enclave")
+    assert [sup.check(), sup.check()] == ["fallback", "fallback"]
+    assert host.subcommands().count("run-enclave") == launches
+    assert load_config(config.with_name("tok.json.last-good"))["cpu_count"] == 2
+
+    # A fixed configuration is tried again, runs, and becomes the last good one.
+    write_config(config, eif, cpu_count=1)
+    assert sup.check() == "relaunched"
+    assert sup.check() == "ok"
+    assert host.enclaves()[0]["NumberOfCPUs"] == 1
+    assert status_of(status)["state"] == "running" and status_of(status)["reason"] is None
+    assert load_config(config.with_name("tok.json.last-good"))["cpu_count"] == 1
+
+
+def _rolled_to_new_image(host: FakeHost, eif: Path, tmp_path: Path, app: AppPort) -> tuple[Supervisor, str, Path]:
+    status = tmp_path / "tok.status.json"
+    config = write_config(tmp_path / "tok.json", eif)
+    sup = Supervisor(config_path=config, health_port=5000, startup_grace=0, cli=NitroCli(), status_path=status)
+    assert sup.check() == "launched"
+    assert sup.check() == "ok"
+    old = host.enclaves()[0]["Measurements"]["PCR0"]
+    new = tmp_path / "new.eif"
+    make_eif(new, payload=b"NEW APP")
+    new.replace(eif)  # the rollout's copy: a new file renamed over the old one
+    assert sup.check() == "relaunched"
+    assert host.enclaves()[0]["Measurements"]["PCR0"] != old
+    return sup, old, status
+
+
+def test_a_new_image_that_never_answers_falls_back(host: FakeHost, eif: Path, tmp_path: Path) -> None:
+    app = AppPort(tmp_path)
+    sup, old, status = _rolled_to_new_image(host, eif, tmp_path, app)
+    app.stop()  # the new image's app never answers (startup_grace 0: the bound has passed)
+    assert sup.check() == "launched"  # the last good one, from its own copy of the old EIF
+    assert host.enclaves()[0]["Measurements"]["PCR0"] == old
+    report = status_of(status)
+    assert report["state"] == "fallback"
+    assert "did not answer on vsock port 5000 within 0 s of its launch; running the previous" in report["reason"]
+
+
+def test_a_new_image_that_crashes_at_start_falls_back(host: FakeHost, eif: Path, tmp_path: Path) -> None:
+    app = AppPort(tmp_path)
+    config = tmp_path / "tok.json"
+    sup, old, status = _rolled_to_new_image(host, eif, tmp_path, app)
+    host.state.write_text(json.dumps({"enclaves": [], "next": 9}))  # its app exited: the enclave is gone
+    assert sup.check() == "launched"
+    assert host.enclaves()[0]["Measurements"]["PCR0"] == old
+    assert re.fullmatch(
+        r"enclave tok stopped \d+ s after its launch; running the previous configuration", status_of(status)["reason"]
+    )
+    assert sup.check() == "fallback"  # healthy again, on the old image
+
+    # Rolling back (the old EIF and configuration put back) adopts the enclave running them: no relaunch.
+    launches = host.subcommands().count("run-enclave")
+    make_eif(tmp_path / "old.eif")
+    (tmp_path / "old.eif").replace(eif)
+    write_config(config, eif, memory_mib=128)
+    assert sup.check() == "ok"
+    assert host.subcommands().count("run-enclave") == launches
+    assert status_of(status)["state"] == "running"
+
+
+def test_wait_reports_what_the_supervisor_settled(tmp_path: Path, eif: Path) -> None:
+    config = write_config(tmp_path / "tok.json", eif)
+    status = tmp_path / "tok.status.json"
+    sha = hashlib.sha256(config.read_bytes()).hexdigest()
+    assert wait_settled(status, config, 0, step=0.01) == (False, f"no report from the supervisor in {status} after 0 s")
+    StatusFile(status, config).report("running", "stale")
+    assert wait_settled(status, config, 0, step=0.01) == (False, f"the supervisor has not applied {config} after 0 s")
+    StatusFile(status, config).report("starting", sha, "launched 3 s ago")
+    assert wait_settled(status, config, 0, step=0.01) == (False, "starting after 0 s: launched 3 s ago")
+    StatusFile(status, config).report("fallback", sha, "E22: ...; running the previous configuration")
+    assert wait_settled(status, config, 60, step=0.01) == (False, "E22: ...; running the previous configuration")
+    StatusFile(status, config).report("running", sha)
+    assert wait_settled(status, config, 60, step=0.01) == (True, "")
+    assert read_status(status)["current"] is True
+    write_config(config, eif, memory_mib=256)
+    assert read_status(status)["current"] is False
+    # The CLI: exit 0 when the configuration on disk runs, 1 with the reason on stderr otherwise.
+    assert supervisor_module.main(["--config", str(config), "--status-file", str(status), "--wait", "0"]) == 1
+    assert status_path_for(config) == tmp_path / "tok.json.status"
