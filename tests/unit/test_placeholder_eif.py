@@ -163,9 +163,9 @@ def test_supervisor_refuses_a_placeholder_eif_on_a_nitro_host(tmp_path: Path, ni
 
     path = write(tmp_path / "p.eif", flag=True)
     supervisor = Supervisor.__new__(Supervisor)  # only the measuring step is exercised
-    supervisor._measured = None
+    supervisor._measured = {}
     with pytest.raises(PlaceholderEifError):
         supervisor.measurements(str(path), (1, 2, 3))
-    assert supervisor._measured is None
+    assert supervisor._measured == {}
     real = write(tmp_path / "r.eif")
     assert supervisor.measurements(str(real), (1, 2, 4)) == json.loads(json.dumps(eif.read_eif(real).measurements))
