@@ -157,7 +157,7 @@ def _check_answer(request: dict[str, Any], answer: dict[str, Any]) -> None:
     op, mode = request["op"], request.get("mode", "opaque")
     if not answer["ok"] or op != "tokenize":
         if answer["ok"] and op == "detokenize" and "tokens" not in request:
-            assert answer["result"] == {"pan": PAN, "last_four": "1111"}
+            assert answer["result"] == {"pan": PAN, "last_four": "1111", "key_check": TK.key_check}
         return
     if "pans" in request:
         result = answer["result"]
@@ -243,7 +243,11 @@ def test_after_fuzzing_still_correct_and_memory_bounded(server: dict[str, Any]) 
         for mode in MODES:
             sock.sendall(protocol.encode_frame({"id": mode, "op": "tokenize", "pan": PAN, "mode": mode}))
             answer = protocol.decode_message(protocol.recv_frame(sock))
-            assert answer["result"] == {"token": _expected_token(PAN, mode), "last_four": "1111"}
+            assert answer["result"] == {
+                "token": _expected_token(PAN, mode),
+                "last_four": "1111",
+                "key_check": TK.key_check,
+            }
         sock.sendall(protocol.encode_frame({"id": "h", "op": "health"}))
         health = protocol.decode_message(protocol.recv_frame(sock))["result"]
     deadline = time.monotonic() + 5
