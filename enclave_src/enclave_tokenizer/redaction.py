@@ -23,10 +23,10 @@ What is masked (:func:`redact`):
 - long base64 values (40 characters or more mixing upper case, lower case and digits): secret access
   keys, session tokens, data keys, KMS ciphertexts, attestation documents. Pure hex (PCRs, digests) is
   not base64-shaped and stays readable;
-- the value after a credential-shaped name (``Authorization``, ``X-Amz-Security-Token``,
-  ``X-Detokenize-Capability``, ``aws_secret_access_key``, ``SessionToken``, ``CiphertextBlob``,
-  ``Plaintext``, ``capability``, ``token``... followed by ``:`` or ``=``), up to the end of the quoted
-  value or line.
+- the value after a credential-shaped name followed by ``:`` or ``=``: ``Authorization``,
+  ``X-Amz-Security-Token`` and ``X-Detokenize-Capability`` up to the end of the quoted value or line;
+  ``aws_secret_access_key``, ``SessionToken``, ``CiphertextBlob``, ``Plaintext``, ``capability``,
+  ``signature``, ``token``... up to the next space or delimiter (values of 6 characters or more).
 """
 
 from __future__ import annotations
@@ -48,13 +48,18 @@ _ACCESS_KEY_ID = re.compile(
     r"(?<![A-Z0-9])(A3T[A-Z0-9]|AKIA|ASIA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])"
 )
 _BASE64 = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{40,}={0,2}(?![A-Za-z0-9+/=])")
-_CREDENTIAL_FIELDS = (  # names whose values are masked
-    r"authorization|x-amz-security-token|x-amz-signature|x-detokenize-capability|"
-    r"aws_secret_access_key|secret_access_key|secretaccesskey|aws_session_token|session_token|sessiontoken|"
-    r"ciphertextblob|ciphertextforrecipient|ciphertext|plaintext|data_key|capability|password|tokens?"
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+# Header-style values run to the end of the quoted value or line (they contain spaces)...
+_CREDENTIAL_HEADERS = re.compile(
+    r"(?i)(?<![A-Za-z0-9_-])((?:authorization|x-amz-security-token|x-detokenize-capability)[\"']?\s*[:=]\s*"
+    r"(?:b?[\"'])?)(?![\"'\s,}\]])([^\"'\r\n]+)"
 )
-_NAMED_SECRET = re.compile(
-    rf"(?i)(?<![A-Za-z0-9_-])((?:{_CREDENTIAL_FIELDS})[\"']?\s*[:=]\s*(?:b?[\"'])?)(?![\"'\s,}}\]])([^\"'\r\n]+)"
+# ... other credential-shaped names' values to the next space, quote or delimiter (6 characters at least:
+# "tokens: 5" is a count).
+_CREDENTIAL_FIELDS = re.compile(
+    r"(?i)(?<![A-Za-z0-9_-])((?:x-amz-signature|aws_secret_access_key|secret_access_key|secretaccesskey|"
+    r"aws_session_token|session_token|sessiontoken|ciphertextblob|ciphertextforrecipient|ciphertext|plaintext|"
+    r"data_key|capability|password|signature|tokens?)[\"']?\s*[:=]\s*(?:b?[\"'])?)(?!\[REDACTED\])([^\"'\s,;}\]]{6,})"
 )
 _MASK = "[REDACTED]"
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -68,6 +73,8 @@ def _pan(match: re.Match[str]) -> str:
         start, end, whole = match.start(), match.end(), match.string
         if len(text) == 12 and start > 0 and end < len(whole) and whole[start - 1] == ":" == whole[end]:
             return text  # an AWS account id inside an ARN
+    elif "-" in text and any(u.start() <= match.start() < u.end() for u in _UUID.finditer(match.string)):
+        return text  # groups of a UUID (request ids)
     digits = re.sub(r"[^0-9]", "", text.replace("%20", ""))
     return f"[PAN ...{digits[-4:]}]"
 
@@ -80,7 +87,8 @@ def _base64(match: re.Match[str]) -> str:
 
 def redact(text: str) -> str:
     """``text`` with card numbers and credentials masked (see the module docstring)."""
-    text = _NAMED_SECRET.sub(lambda m: m.group(1) + _MASK, text)
+    text = _CREDENTIAL_HEADERS.sub(lambda m: m.group(1) + _MASK, text)
+    text = _CREDENTIAL_FIELDS.sub(lambda m: m.group(1) + _MASK, text)
     text = _ACCESS_KEY_ID.sub(lambda m: m.group(1) + _MASK, text)
     text = _BASE64.sub(_base64, text)
     return _PAN.sub(_pan, text)
