@@ -113,9 +113,9 @@ def _json_errors(max_body: int) -> Any:
         except (web_protocol.RequestPayloadError, http_exceptions.HttpProcessingError) as exc:
             log.info("refused a request to %s: %s", _route(request), type(exc).__name__)
             return _error("bad_http", _parser_error(exc), 400)
-        except ConnectionError:  # the client went away: nobody to answer
+        except ConnectionError:  # the client went away: nobody reads this answer
             log.debug("client disconnected during a request to %s", _route(request))
-            raise
+            return _error("bad_http", "connection lost", 400)
         except Exception as exc:  # a bug, never the client's input: logged (masked), answered as JSON
             log.error("internal error answering %s: %s", _route(request), type(exc).__name__, exc_info=exc)
             return _error("internal", "internal error in the gateway", 500)
@@ -133,7 +133,9 @@ class _RequestHandler(web_protocol.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if status >= 500:
+        if isinstance(exc, ConnectionError):  # the client went away: not an error of the gateway
+            log.debug("client disconnected: %s", type(exc).__name__)
+        elif status >= 500:
             log.error("error answering a request: %s", type(exc).__name__, exc_info=exc)
         else:
             log.info("refused a malformed HTTP request: %s", type(exc).__name__)

@@ -166,7 +166,7 @@ def test_setup_filters_every_configured_handler_and_last_resort(capsys: pytest.C
         assert all(any(isinstance(f, redaction.RedactingFilter) for f in h.filters) for h in root.handlers)
         logging.getLogger("aiohttp.server").error("raw %s", "4111 1111 1111 1111", extra={"peer": "4111111111111111"})
         root.handlers = []
-        logging.getLogger("botocore.x").error("last resort %s", "AKIAIOSFODNN7EXAMPLE")  # no handler at all
+        logging.getLogger("nohandler.x").error("last resort %s", "AKIAIOSFODNN7EXAMPLE")  # no handler anywhere
     finally:
         root.handlers = saved
         redaction.uninstall()

@@ -143,8 +143,10 @@ class HttpAnswer:
         return json.loads(self.body)
 
 
-def parse_answers(stream: bytes) -> list[HttpAnswer]:
-    """Every HTTP/1.1 response in ``stream``; AssertionError if any is not well formed (with a length)."""
+def parse_answers(stream: bytes, head_request: bool = False) -> list[HttpAnswer]:
+    """Every HTTP/1.x response in ``stream``; AssertionError if any is not well formed (with a length).
+    ``head_request``: the first request was a HEAD (its answer has a Content-Length but no body; requests
+    pipelined behind it are not HEADs)."""
     answers: list[HttpAnswer] = []
     rest = stream
     while rest:
@@ -158,7 +160,7 @@ def parse_answers(stream: bytes) -> list[HttpAnswer]:
             name, colon, value = line.partition(":")
             assert colon, f"bad response header {line!r}"
             headers[name.strip().lower()] = value.strip()
-        length = int(headers["content-length"])
+        length = 0 if head_request and not answers else int(headers["content-length"])
         assert len(rest) >= length, "response body shorter than its Content-Length"
         answers.append(HttpAnswer(int(match.group(1)), headers, rest[:length]))
         rest = rest[length:]
