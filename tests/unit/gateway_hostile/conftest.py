@@ -1,5 +1,4 @@
-"""Fixtures of the hostile-client tests: the deployed chain as processes (see hostile_stack), and the
-fuzz counts in the terminal summary."""
+"""Fixture of the hostile-client tests: the deployed chain as processes (see hostile_stack)."""
 
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from hostile_stack import (
     ACCESS_KEY_ID,
     CAPABILITY,
     ENCLAVE_CID,
-    FUZZ_COUNTS,
     PCRS,
     ROLE,
     SECRET_ACCESS_KEY,
@@ -133,9 +131,3 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             nsm.close()
         logging.getLogger().removeHandler(own)
         own.close()
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if FUZZ_COUNTS:
-        summary = ", ".join(f"{k} {v}" for k, v in FUZZ_COUNTS.items())
-        terminalreporter.write_sep("-", f"gateway raw-socket fuzz: {summary}")

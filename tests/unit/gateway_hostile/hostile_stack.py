@@ -33,8 +33,6 @@ SESSION_TOKEN = "IQoJb3JpZ2luX2VjE" + base64.b64encode(secrets.token_bytes(240))
 CAPABILITY = "detok-capability-" + secrets.token_hex(16)
 SECRETS = (ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN, CAPABILITY)
 
-FUZZ_COUNTS: dict[str, int] = {}
-
 
 def pan_pattern(pan: str) -> re.Pattern[str]:
     """Any rendering of ``pan``'s digits: with or without spaces, dashes or other single separators."""

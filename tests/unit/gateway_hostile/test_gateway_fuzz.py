@@ -3,18 +3,20 @@ framings (Content-Length right, short, long, missing, chunked, broken chunks) an
 test card number somewhere. Every answer must be a well-formed HTTP response with a JSON body (a result
 or an error with a code) and never a 5xx; afterwards no log holds a card number, a credential or a
 traceback, a valid tokenize still gives the same token, and the gateway's memory stayed bounded.
-Counts are printed in the terminal summary (tried / answered / clean / left unfinished).
+Tried / clean counts go to the terminal summary through fuzz_counts.
 """
 
 from __future__ import annotations
 
 import json
 
-from hostile_stack import FUZZ_COUNTS, PANS, HttpAnswer, Stack, leaks, parse_answers, raw_exchange
+import fuzz_counts
+from hostile_stack import PANS, HttpAnswer, Stack, leaks, parse_answers, raw_exchange
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 EXAMPLES = 250
+SURFACE = "gateway HTTP (raw sockets)"
 ROUTES = ("/v1/tokenize", "/v1/detokenize", "/healthz", "/", "/v1/tokenize/", "/healthz?wait=0&attest=0")
 METHODS = ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE")
 _line_text = st.text(st.characters(min_codepoint=0, max_codepoint=0x2FF, blacklist_characters="\r\n"), max_size=30)
@@ -156,7 +158,7 @@ def _tokenize(stack: Stack) -> dict:
 
 def test_gateway_raw_socket_fuzz(stack: Stack) -> None:
     before = _tokenize(stack)
-    counts = FUZZ_COUNTS
+    counts: dict[str, int] = {}
     counts.update(tried=0, answered=0, clean=0, unfinished=0, past_the_parser=0, answers_2xx=0, answers_4xx=0)
     rss: list[int] = []
 
@@ -170,6 +172,7 @@ def test_gateway_raw_socket_fuzz(stack: Stack) -> None:
     def one(request: tuple[bytes, bool]) -> None:
         data, certain = request
         counts["tried"] += 1
+        fuzz_counts.tried(SURFACE)
         if counts["tried"] in (EXAMPLES // 5, EXAMPLES):
             rss.append(stack.gateway_rss_kib())
         stream = raw_exchange(stack.gateway_port, data, timeout=5.0 if certain else 0.2, idle=0.05)
@@ -177,10 +180,12 @@ def test_gateway_raw_socket_fuzz(stack: Stack) -> None:
         if not answers:
             assert not certain, f"no answer to {data[:300]!r}"
             counts["unfinished"] += 1
+            fuzz_counts.clean(SURFACE)  # an unfinished request left unanswered is what HTTP promises
             return
         counts["answered"] += 1
         _check(answers)
         counts["clean"] += 1
+        fuzz_counts.clean(SURFACE)
         for answer in answers:
             counts["answers_2xx" if answer.status < 300 else "answers_4xx"] += 1
             if answer.status < 300 or answer.json()["error"]["code"] != "bad_http":
@@ -190,6 +195,7 @@ def test_gateway_raw_socket_fuzz(stack: Stack) -> None:
     after = _tokenize(stack)
     assert (after["token"], after["last_four"]) == (before["token"], before["last_four"])
     assert counts["clean"] == counts["answered"] and counts["answered"] >= EXAMPLES // 2, counts
+    print(f"gateway fuzz: {counts}")  # the breakdown (-s, or the captured output of a failure)
     assert counts["past_the_parser"] >= EXAMPLES // 5, f"the fuzz hardly reached the handlers: {counts}"
     assert stack.leaked() == {}
     assert stack.tracebacks() == {}
