@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 EXAMPLES = 250
 SURFACE = "gateway HTTP (raw sockets)"
 ROUTES = ("/v1/tokenize", "/v1/detokenize", "/healthz", "/", "/v1/tokenize/", "/healthz?wait=0&attest=0")
-METHODS = ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE")
+# No HEAD: whether its answer has a body depends on whether the parser got that far, which a raw
+# reader cannot tell apart from pipelined bytes.
+METHODS = ("GET", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")
 _line_text = st.text(st.characters(min_codepoint=0, max_codepoint=0x2FF, blacklist_characters="\r\n"), max_size=30)
 _token = st.text("ABCDEFGHIJKLMNOPRSTUVWXYZ", min_size=1, max_size=8)
 _header_names = st.sampled_from(
@@ -104,7 +106,7 @@ def _one_in(draw: st.DrawFn, odds: int) -> bool:
 def requests(draw: st.DrawFn) -> tuple[bytes, bool]:
     """(raw request, whether an answer is certain: False when the request may be left unfinished)."""
     method = _mostly(draw, st.sampled_from(("POST", "POST", "GET")), st.sampled_from(METHODS) | _token, odds=10)
-    if method == "CONNECT":  # a tunnel: whatever follows is not HTTP
+    if method in ("CONNECT", "HEAD"):  # a tunnel: whatever follows is not HTTP; HEAD: see METHODS
         method = "GET"
     target = _mostly(draw, st.sampled_from(ROUTES[:3]), st.sampled_from(ROUTES) | _line_text.map(lambda t: "/" + t))
     if _one_in(draw, 4):
@@ -176,7 +178,7 @@ def test_gateway_raw_socket_fuzz(stack: Stack) -> None:
         if counts["tried"] in (EXAMPLES // 5, EXAMPLES):
             rss.append(stack.gateway_rss_kib())
         stream = raw_exchange(stack.gateway_port, data, timeout=5.0 if certain else 0.2, idle=0.05)
-        answers = parse_answers(stream, head_request=data.startswith(b"HEAD "))
+        answers = parse_answers(stream)
         if not answers:
             assert not certain, f"no answer to {data[:300]!r}"
             counts["unfinished"] += 1
