@@ -122,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    from enclave_tokenizer import redaction  # vsock-proxy and the rest log through the masking
+
+    redaction.setup("WARNING", "%(levelname)s %(name)s: %(message)s")
     try:
         return _handler(args)(args)
     except NitroCliError as error:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cryptography.utils import CryptographyDeprecationWarning
 
+from . import redaction
 from .attestation import (
     MAX_DOCUMENT_LEN,
     AttestationError,
@@ -167,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Hostile certificates (e.g. a negative serial) make cryptography warn before the verifier refuses
     # them with a named check; the warning text would only be noise on stderr.
     warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning)
+    redaction.setup("WARNING", "%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "verify":
         return _verify(args)

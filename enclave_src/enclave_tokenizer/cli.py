@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import parent
+from . import parent, redaction
 from .client import Client, EnclaveUnavailable, TokenizerError
 from .parent import ConfigError, GatewayConfig
 
@@ -128,6 +128,8 @@ def _command(args: argparse.Namespace, config: GatewayConfig, client: Client) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "gateway":  # the gateway sets up its own logging (its configured level)
+        redaction.setup("WARNING", "%(levelname)s %(name)s: %(message)s")
     if args.command == "gateway":
         from . import gateway
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -28,9 +27,9 @@ import socket
 import time
 from typing import Any
 
-from aiohttp import web
+from aiohttp import http_exceptions, web, web_protocol
 
-from . import parent
+from . import parent, protocol, redaction
 from .client import AsyncClient, EnclaveUnavailable, TokenizerError
 from .parent import ConfigError, GatewayConfig
 from .supervisor_state import read_status
@@ -44,6 +43,8 @@ _STATUS = {
     "invalid_pan": 400,
     "invalid_token": 400,
     "batch_too_large": 413,
+    "request_too_large": 413,
+    "request_timeout": 408,
     "forbidden": 403,
     "not_provisioned": 503,
     "enclave_unavailable": 503,
@@ -89,6 +90,109 @@ def health_reason(report: dict[str, Any]) -> str | None:
         if check in report and not report[check].get("valid", report[check].get("ok")):
             return f"{check} failed: {report[check].get('error')}"
     return None
+
+
+# ---------------------------------------------------------------- HTTP-level errors, always JSON
+# aiohttp's own error answers are text/plain, and its parser errors quote the request bytes (card
+# numbers included) in the exception it logs at ERROR and in the answer: the gateway names the kind of
+# error only, and logs no request byte.
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 414: "uri_too_long"}
+_PARSER_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (http_exceptions.LineTooLong, "request line or header too long"),
+    (http_exceptions.BadHttpMethod, "unknown HTTP method"),
+    (http_exceptions.BadStatusLine, "malformed request line"),
+    (http_exceptions.InvalidURLError, "malformed request target"),
+    (http_exceptions.InvalidHeader, "malformed header"),
+    (http_exceptions.TransferEncodingError, "malformed chunked body"),
+    (http_exceptions.ContentLengthError, "body does not match its Content-Length"),
+    (http_exceptions.ContentEncodingError, "body does not match its Content-Encoding"),
+    (web_protocol.RequestPayloadError, "request body could not be read"),
+)
+
+
+def _parser_error(exc: BaseException | None) -> str:
+    for kind, text in _PARSER_ERRORS:
+        if isinstance(exc, kind):
+            return text
+    return "malformed HTTP request"
+
+
+def _route(request: web.BaseRequest) -> str:
+    """The route's pattern, never the request's own path (which may carry anything)."""
+    info = getattr(request, "match_info", None)
+    resource = info.route.resource if info is not None else None
+    return resource.canonical if resource is not None else "?"
+
+
+def _json_errors(max_body: int) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = f"request body exceeds {max_body} bytes" if exc.status == 413 else exc.reason
+            response = _error(_HTTP_CODES.get(exc.status, "bad_request"), message, exc.status)
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
+        except (web_protocol.RequestPayloadError, http_exceptions.HttpProcessingError) as exc:
+            log.info("refused a request to %s: %s", _route(request), type(exc).__name__)
+            return _error("bad_http", _parser_error(exc), 400)
+        except ConnectionError:  # the client went away: nobody reads this answer
+            log.debug("client disconnected during a request to %s", _route(request))
+            return _error("bad_http", "connection lost", 400)
+        except Exception as exc:  # a bug, never the client's input: logged (masked), answered as JSON
+            log.error("internal error answering %s: %s", _route(request), type(exc).__name__, exc_info=exc)
+            return _error("internal", "internal error in the gateway", 500)
+
+    return middleware
+
+
+class _RequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, with errors it answers itself (parser errors) answered as JSON."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, ConnectionError):  # the client went away: not an error of the gateway
+            log.debug("client disconnected: %s", type(exc).__name__)
+        elif status >= 500:
+            log.error("error answering a request: %s", type(exc).__name__, exc_info=exc)
+        else:
+            log.info("refused a malformed HTTP request: %s", type(exc).__name__)
+        if request.writer.output_size > 0:  # as aiohttp: a response already started cannot be replaced
+            raise ConnectionError("response already sent: cannot send an error response")
+        if status >= 500:
+            response = _error("internal", "internal error in the gateway", status)
+        else:
+            response = _error("bad_http", _parser_error(exc), status)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """AppRunner whose connections use _RequestHandler (aiohttp 3.14 has no hook for the class)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return _Server(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            **server._kwargs,
+        )
 
 
 class Gateway:
@@ -274,9 +378,15 @@ class Gateway:
     # ---------------------------------------------------------------- HTTP handlers
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
-            body = json.loads(await request.read())
-        except (ValueError, RecursionError):
-            raise TokenizerError("bad_json", "request body must be JSON") from None
+            # A body that never completes (a huge chunk size, a slow sender) does not hold a handler.
+            async with asyncio.timeout(self.config.request_timeout):
+                raw = await request.read()
+        except TimeoutError:
+            raise TokenizerError("request_timeout", "request body not received in time") from None
+        try:
+            body = protocol.loads_strict(raw)
+        except (ValueError, RecursionError):  # UnicodeDecodeError and non-finite numbers included
+            raise TokenizerError("bad_json", "request body must be JSON (UTF-8, finite numbers)") from None
         if not isinstance(body, dict):
             raise TokenizerError("bad_request", "request body must be a JSON object")
         return body
@@ -285,6 +395,15 @@ class Gateway:
         items = enclave_request.get(many)
         if items is not None and isinstance(items, list) and len(items) > self.config.max_batch:
             return _error("batch_too_large", f"at most {self.config.max_batch} items per request")
+        try:
+            size = protocol.encoded_size(enclave_request)
+        except (ValueError, RecursionError):
+            return _error("bad_request", "request fields cannot be sent to the enclave (nesting too deep)")
+        if size > protocol.MAX_REQUEST_BYTES:  # the enclave would drop the connection: refuse it here
+            return _error(
+                "request_too_large",
+                f"request encodes to {size} bytes for the enclave; at most {protocol.MAX_REQUEST_BYTES}",
+            )
         deadline = time.monotonic() + self.config.hold_timeout
         while True:
             try:
@@ -381,7 +500,7 @@ class Gateway:
 
     # ---------------------------------------------------------------- lifecycle
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body)
+        app = web.Application(client_max_size=self.config.max_body, middlewares=[_json_errors(self.config.max_body)])
         app.router.add_post("/v1/tokenize", self.handle_tokenize)
         app.router.add_post("/v1/detokenize", self.handle_detokenize)
         app.router.add_get("/healthz", self.handle_health)
@@ -419,7 +538,7 @@ async def serve(
 ) -> bool:
     """Run until cancelled (tests) or, with ``signals``, until SIGTERM/SIGINT (service). With ``upgrade``,
     also stop (after the in-flight requests) once the tools were upgraded: returns True then."""
-    runner = web.AppRunner(Gateway(config).app(), access_log=None)
+    runner = _Runner(Gateway(config).app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024)
     await site.start()
@@ -461,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         config = GatewayConfig.load(path)
     except ConfigError as exc:
         parser.exit(2, f"enclave-tokenizer gateway: {exc}\n")
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    redaction.setup(config.log_level)  # every record masked, aiohttp's and botocore's too
     if asyncio.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp()))):
         reexec()
     return 0

@@ -18,6 +18,10 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME = 1 << 20  # 1 MiB: a batch of 10,000 PANs is ~250 KiB
+# What a client adds around a request's own fields ({"v":1, ... ,"id":<int64>}): a request whose fields
+# encode (encoded_size) to more than MAX_REQUEST_BYTES does not fit the enclave's frame limit.
+ENVELOPE_BYTES = 64
+MAX_REQUEST_BYTES = DEFAULT_MAX_FRAME - ENVELOPE_BYTES
 MAX_ID_LENGTH = 128
 
 _encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
@@ -165,3 +169,15 @@ def recv_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> bytes
     if body is None and length:
         raise EOFError("connection closed in the middle of a frame")
     return body or b""
+
+
+def loads_strict(data: bytes) -> Any:
+    """JSON as frames take it (strict UTF-8, no NaN/Infinity/overflowing numbers): ValueError otherwise,
+    RecursionError for deep nesting. What the gateway parses request bodies with."""
+    return _decoder.decode(data.decode("utf-8"))
+
+
+def encoded_size(message: dict[str, Any]) -> int:
+    """Bytes of ``message`` as encode_frame would write them (without the header); ValueError if it
+    cannot be encoded."""
+    return len(_encoder.encode(message))

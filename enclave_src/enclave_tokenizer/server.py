@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from nitro_module_utils.data_key_record import RecordError, context_generation
 
-from . import kms, protocol, vsock
+from . import kms, protocol, redaction, vsock
 from .protocol import ProtocolError
 from .tokens import MODES, TokenError, Tokenizer, capability_matches, normalize_pan
 
@@ -883,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proxy-port", type=int, help="parent vsock-proxy port for KMS (default 8000)")
     parser.add_argument("--log-level", default=os.environ.get("TOKENIZER_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    redaction.setup(args.log_level)  # every record masked (card numbers, credentials)
     config = ServerConfig.from_env(
         port=args.port, max_frame=args.max_frame, max_connections=args.max_connections, proxy_port=args.proxy_port
     )

@@ -39,6 +39,7 @@ from nitro_module_utils.eif_provenance import require_runnable_here
 from nitro_module_utils.enclave_spec import differences, parse_run_config, unexpected_measurements
 from nitro_module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, vsock_connect
 
+from . import redaction
 from .supervisor_state import LastGood, StatusFile, digest_of, status_path_for, wait_settled
 from .upgrade import INSTALL_RECORD, UpgradeWatch, default_stamp, file_key, reexec
 
@@ -405,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not ok:
             sys.stderr.write(f"{args.config}: {reason}\n")
         return 0 if ok else 1
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    redaction.setup(logging.INFO, "%(levelname)s %(name)s: %(message)s")  # every record masked
     supervisor = Supervisor(
         config_path=args.config,
         health_port=args.health_port,

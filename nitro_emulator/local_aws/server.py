@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from enclave_tokenizer import redaction
 from moto.server import ThreadedMotoServer
 
 from . import extensions
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # moto, werkzeug (request lines) and botocore log through the masking (credentials, key material).
+    redaction.setup("INFO")
     extensions.install(attestation_roots=args.attestation_root, state_file=args.state_file)
     server = ThreadedMotoServer(ip_address=args.host, port=args.port, verbose=False)
     server.start()
