@@ -140,7 +140,8 @@ def _health() -> dict[str, Any]:
 
 def _assert_serves() -> None:
     answer = _call({"id": "valid", "op": "tokenize", "pan": PAN})
-    assert answer["result"] == {"token": Tokenizer.from_data_key(KEY).opaque(PAN), "last_four": "1111"}
+    tokenizer = Tokenizer.from_data_key(KEY)
+    assert answer["result"] == {"token": tokenizer.opaque(PAN), "last_four": "1111", "key_check": tokenizer.key_check}
 
 
 def _wait_connections(expected: int, timeout: float) -> float:
