@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from enclave_tokenizer.supervisor_state import wait_settled
 
 from tests.bench import chaos
 from tests.bench.load import PAN, Load
@@ -49,6 +50,9 @@ def under_load(parent: chaos.Parent, name: str) -> tuple[Load, list[str], str, s
     """Run fault ``name`` from the healthy old image under load: (load, notes, token before, after)."""
     parent.roll("old")
     parent.wait_healthy()
+    # As the nitro_enclave role waits: the supervisor has recorded the old image as the last good one.
+    settled, reason = wait_settled(Path(f"{parent.config}.status"), parent.config, 120)
+    assert settled, reason
     before = token(parent)
     with Load(parent.url) as load:
         time.sleep(1)

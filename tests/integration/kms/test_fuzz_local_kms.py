@@ -10,10 +10,12 @@ with a valid attested Decrypt, which must still work. Counts (tried / clean) are
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import urllib.error
 import urllib.request
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import botocore.session
@@ -111,7 +113,20 @@ def policies(draw: Any) -> dict[str, Any]:
     return {"Version": "2012-10-17", "Statement": [admin, statement]}
 
 
+def server_rss_mib(url: str) -> float:
+    """Resident memory of the `nitro-local-aws` process serving ``url``."""
+    port = url.rsplit(":", 1)[1]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            argv = cmdline.read_bytes().split(b"\0")
+            if any(a.endswith(b"nitro-local-aws") for a in argv) and port.encode() in argv:
+                status = (cmdline.parent / "status").read_text()
+                return int(status.split("VmRSS:")[1].split()[0]) / 1024
+    raise AssertionError(f"no nitro-local-aws process serves {url}")
+
+
 def test_fuzz_local_kms_requests_and_policies(kms_endpoint, kms, parent_kms, key_id, enclave, capsys) -> None:
+    rss_before = server_rss_mib(kms_endpoint.url)
     counts: Counter[str] = Counter()
     bad: list[str] = []
     blob = kms.encrypt(KeyId=key_id, Plaintext=b"fuzz")["CiphertextBlob"]
@@ -162,6 +177,10 @@ def test_fuzz_local_kms_requests_and_policies(kms_endpoint, kms, parent_kms, key
     answer = parent_kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
     assert "Plaintext" not in answer
     assert decrypt_enveloped_data(answer["CiphertextForRecipient"], enclave.private_key) == b"fuzz"
+    growth = server_rss_mib(kms_endpoint.url) - rss_before
+    with capsys.disabled():
+        print(f"local KMS after fuzzing: RSS {growth:+.1f} MiB")
+    assert growth < 128, f"the local KMS grew by {growth:.0f} MiB over the fuzz"
 
 
 @pytest.mark.parametrize("value", ["\x00", "a\r\nb", "é🔑", "alias/\r\n", "\ud800"])
