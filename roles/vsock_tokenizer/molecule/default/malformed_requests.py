@@ -21,10 +21,16 @@ SHAPES = [
 
 host, port = sys.argv[1].rsplit(":", 1)
 for shape in SHAPES:
+    # No half-close: aiohttp takes a client's FIN as the end of the connection and answers nothing.
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(shape.encode("utf-8"))
-        sock.shutdown(socket.SHUT_WR)
         answer = b""
-        while chunk := sock.recv(65536):
+        while b"\r\n" not in answer:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
             answer += chunk
     print(answer.split(b"\r\n", 1)[0].decode("ascii", "replace"))
