@@ -53,6 +53,8 @@ def fleet(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                  "vsock_tokenizer_gateway_listen": GATEWAY}  # fmt: skip
     group_vars = {
         "kms_enclave_policy_local_port": KMS_PORT,
+        # The local KMS's keys live with this test, not in the machine's /var/lib (a later run starts clean).
+        "kms_enclave_policy_local_state_file": str(work / "local-aws-state.json"),
         "nitro_allocator_cpu_count": 1,
         "nitro_enclave_cpu_count": 1,
         # The test checks that held requests are answered, not how fast the host boots.
