@@ -12,7 +12,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export NITRO_ANSIBLE_ROOT := $(CURDIR)
 export NITRO_ANSIBLE_WHEELHOUSE := $(CURDIR)/$(WHEELHOUSE)
 
-.PHONY: help setup venv docker images wheelhouse site test test-fast test-unit test-integration test-molecule lint bench chaos docs clean
+.PHONY: help setup venv docker images wheelhouse site test test-fast test-unit test-integration test-molecule lint sanity bench chaos docs clean
 
 help:
 	@echo "make site   - set up if needed, then run site.yml on the default inventory (localhost, emulated)"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-fast - lint + unit tests only (inner loop)"
 	@echo "make bench  - benchmarks; prints figures"
 	@echo "make lint   - ansible-lint (production profile) and ruff"
+	@echo "make sanity - ansible-test sanity over the modules (in a collection tree)"
 	@echo "make setup  - only the set-up: .venv, Docker engine, base images, wheelhouse"
 
 $(BIN)/.installed: requirements.txt pyproject.toml
@@ -69,6 +70,10 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/ansible-lint --profile production
 
+# ansible-test sanity (the offline tests) over the modules, module_utils and doc fragments, as a collection.
+sanity: venv
+	scripts/sanity.sh
+
 test-unit: venv
 	$(BIN)/pytest tests/unit
 
@@ -80,7 +85,7 @@ test-integration: setup
 test-molecule: setup
 	$(BIN)/pytest -n 2 tests/molecule
 
-test: setup lint
+test: setup lint sanity
 	$(BIN)/pytest tests/unit tests/integration
 	$(BIN)/pytest -n 2 tests/molecule
 

@@ -25,7 +25,7 @@ description:
     another value; other tags are left alone.
 version_added: "0.1.0"
 author:
-  - nitro-enclaves-ansible project
+  - nitro-enclaves-ansible authors (@nitro-enclaves-ansible)
 options:
   name:
     description:
@@ -111,7 +111,17 @@ seealso:
   - name: Nitro Enclaves requirements
     description: Supported instance types and vCPU rules.
     link: https://docs.aws.amazon.com/enclaves/latest/user/nitro-enclave.html#nitro-enclave-reqs
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+  platform:
+    platforms: posix
+requirements:
+  - python >= 3.11
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

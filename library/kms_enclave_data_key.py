@@ -25,7 +25,7 @@ description:
     belongs to another key, or does not decrypt, makes the module fail instead of replacing it.
 version_added: "0.1.0"
 author:
-  - nitro-enclaves-ansible project
+  - nitro-enclaves-ansible authors (@nitro-enclaves-ansible)
 options:
   alias:
     description:
@@ -111,9 +111,19 @@ notes:
   - The module never handles plaintext key material, so it has no C(no_log) options; O(encryption_context)
     values are not secret in KMS's model (they appear in CloudTrail).
 seealso:
-  - module: kms_enclave_policy
+  - module: nitro_enclaves.fleet.kms_enclave_policy
   - module: amazon.aws.kms_key
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
+requirements:
+  - python >= 3.11
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

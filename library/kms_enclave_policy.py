@@ -21,7 +21,7 @@ description:
   - Refuses, before calling C(PutKeyPolicy), policies that would be unsafe - see O(statements) and the notes.
 version_added: "0.1.0"
 author:
-  - nitro-enclaves-ansible project
+  - nitro-enclaves-ansible authors (@nitro-enclaves-ansible)
 options:
   key_id:
     description:
@@ -152,7 +152,17 @@ seealso:
   - name: AWS KMS condition keys for Nitro Enclaves
     description: kms:RecipientAttestation:ImageSha384 and kms:RecipientAttestation:PCR.
     link: https://docs.aws.amazon.com/kms/latest/developerguide/conditions-nitro-enclave.html
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+  platform:
+    platforms: posix
+requirements:
+  - python >= 3.11
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

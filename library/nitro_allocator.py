@@ -29,7 +29,7 @@ description:
     is C(nitro-cli-emulator allocator apply) and on a real host C(/usr/bin/nitro-enclaves-allocator).
 version_added: "0.1.0"
 author:
-  - nitro-enclaves-ansible authors
+  - nitro-enclaves-ansible authors (@nitro-enclaves-ansible)
 options:
   path:
     description:
@@ -97,23 +97,28 @@ options:
         C(/usr/bin/nitro-enclaves-allocator) on real ones.
     type: list
     elements: str
-  nitro_cli_path:
-    description:
-      - The nitro-cli binary used to list and terminate enclaves. Default E(NITRO_CLI_BIN), then C(nitro-cli) on
-        PATH, then (emulated hosts) the emulator.
-    type: path
-  sysfs_root:
-    description:
-      - Root under which C(sys/devices/system/...) and C(proc/meminfo) are read. For tests and chroots.
-      - Defaults to E(NITRO_EMULATOR_SYSFS_ROOT) when set, the same variable the emulator's allocator reads.
-    type: path
-    default: /
 notes:
   - Supports check mode and diff mode (the diff is the file's text before and after).
   - With O(restart=true) and enclaves running, check mode fails the same way a real run would.
 seealso:
   - name: Nitro Enclaves CLI installation (allocator)
+    description: The allocator service, its configuration file and what it reserves.
     link: https://docs.aws.amazon.com/enclaves/latest/user/nitro-enclave-cli-install.html
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+  platform:
+    platforms: posix
+requirements:
+  - python >= 3.11 on the host
+  - nitro-cli (L(aws-nitro-enclaves-cli,https://github.com/aws/aws-nitro-enclaves-cli)), or on hosts without
+    C(/dev/nitro_enclaves) the project's C(nitro-cli-emulator)
+extends_documentation_fragment:
+  - nitro_enclaves.fleet.nitro_host
+  - nitro_enclaves.fleet.nitro_host.sysfs
+  - ansible.builtin.action_common_attributes
 """
 
 EXAMPLES = r"""
@@ -284,8 +289,8 @@ def allocator_command(module: AnsibleModule, cli: NitroCli | None) -> list[str]:
 
 def systemd_state(module: AnsibleModule, unit: str) -> tuple[bool, bool]:
     systemctl = module.get_bin_path("systemctl", required=True)
-    rc_active, _, _ = module.run_command([systemctl, "is-active", "--quiet", unit])
-    rc_enabled, _, _ = module.run_command([systemctl, "is-enabled", "--quiet", unit])
+    rc_active, _out, _err = module.run_command([systemctl, "is-active", "--quiet", unit])
+    rc_enabled, _out, _err = module.run_command([systemctl, "is-enabled", "--quiet", unit])
     return rc_active == 0, rc_enabled == 0
 
 
@@ -293,7 +298,7 @@ def emulator_applied(module: AnsibleModule, cmd: list[str], config: AllocatorCon
     """Whether the emulated allocator already holds `config` (``nitro-cli-emulator allocator show``)."""
     if not cmd or cmd[-1] != "apply":
         return False
-    rc, out, _ = module.run_command([*cmd[:-1], "show"])
+    rc, out, _err = module.run_command([*cmd[:-1], "show"])
     if rc != 0:
         return False
     try:

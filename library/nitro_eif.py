@@ -24,11 +24,11 @@ description:
   - With O(state=described), reads any EIF with the project's EIF library, without nitro-cli or Docker, and
     returns its measurements and metadata (a controller can compute the PCRs to pin).
   - An EIF built from nitro-cli-emulator's placeholder kernel and init (no E(NITRO_CLI_BLOBS)) boots only under
-    the emulator; R(placeholder_blobs) says so. With O(state=present) on a host that has C(/dev/nitro_enclaves)
+    the emulator; RV(placeholder_blobs) says so. With O(state=present) on a host that has C(/dev/nitro_enclaves)
     such an EIF is refused (and a fresh one is not moved into place).
 version_added: "0.1.0"
 author:
-  - nitro-enclaves-ansible authors
+  - nitro-enclaves-ansible authors (@nitro-enclaves-ansible)
 options:
   path:
     description: The EIF file (C(--output-file) when building).
@@ -74,18 +74,27 @@ options:
     description: Seconds the build may take.
     type: int
     default: 1800
-  nitro_cli_path:
-    description:
-      - The nitro-cli binary. Default E(NITRO_CLI_BIN), then C(nitro-cli) on PATH, then C(/usr/bin/nitro-cli), then
-        (hosts without C(/dev/nitro_enclaves) only) C(nitro-cli-emulator).
-    type: path
 notes:
   - Supports check mode and diff mode (the diff is the inputs record before and after).
   - O(state=described) reports the signing certificate's PCR8 but not its X.509 details.
   - PCR0 and PCR2 depend on the Docker image's file contents and timestamps; rebuilding the Docker image usually
     changes them even when nothing else did.
 seealso:
-  - module: nitro_enclave
+  - module: nitro_enclaves.fleet.nitro_enclave
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+  platform:
+    platforms: posix
+requirements:
+  - python >= 3.11 on the host
+  - nitro-cli (L(aws-nitro-enclaves-cli,https://github.com/aws/aws-nitro-enclaves-cli)), or on hosts without
+    C(/dev/nitro_enclaves) the project's C(nitro-cli-emulator)
+extends_documentation_fragment:
+  - nitro_enclaves.fleet.nitro_host
+  - ansible.builtin.action_common_attributes
 """
 
 EXAMPLES = r"""
@@ -215,7 +224,7 @@ def image_id(module: AnsibleModule, uri: str) -> str | None:
     docker = module.get_bin_path("docker")
     if docker is None:
         module.fail_json(msg="docker not found on PATH: nitro-cli build-enclave needs the Docker engine")
-    rc, out, _ = module.run_command([docker, "image", "inspect", "--format", "{{.Id}}", uri])
+    rc, out, _err = module.run_command([docker, "image", "inspect", "--format", "{{.Id}}", uri])
     return out.strip() if rc == 0 and out.strip() else None
 
 

@@ -27,7 +27,7 @@ description:
   - Works the same with the real nitro-cli and with the project's emulator (hosts without C(/dev/nitro_enclaves)).
 version_added: "0.1.0"
 author:
-  - nitro-enclaves-ansible authors
+  - nitro-enclaves-ansible authors (@nitro-enclaves-ansible)
 options:
   name:
     description:
@@ -52,9 +52,9 @@ options:
     type: path
   measurements:
     description:
-      - The PCR0, PCR1 and PCR2 (hex) the EIF must measure, as recorded when it was built (O(nitro_eif) returns
+      - The PCR0, PCR1 and PCR2 (hex) the EIF must measure, as recorded when it was built (M(nitro_enclaves.fleet.nitro_eif) returns
         them).
-      - Keys are case-sensitive. C(HashAlgorithm) and C(PCR8) (the rest of what M(nitro_eif) returns) are accepted
+      - Keys are case-sensitive. C(HashAlgorithm) and C(PCR8) (the rest of what M(nitro_enclaves.fleet.nitro_eif) returns) are accepted
         and not compared; any other key (for example C(pcr0)) is refused, so a typo never turns pinning off.
       - With O(state=running) or O(state=restarted) an EIF that measures differently is refused before any
         enclave is touched. With O(state=configured) they are written into the configuration.
@@ -125,23 +125,26 @@ options:
     description: Seconds to wait for another launch on the same host to finish, 0 to 86400.
     type: int
     default: 300
-  nitro_cli_path:
-    description:
-      - The nitro-cli binary. Default E(NITRO_CLI_BIN), then C(nitro-cli) on PATH, then C(/usr/bin/nitro-cli), then
-        (emulated hosts only) C(nitro-cli-emulator).
-    type: path
-  sysfs_root:
-    description:
-      - Root under which C(sys/module/nitro_enclaves/parameters/ne_cpus) and C(sys/kernel/mm/hugepages) are read for
-        the pool check on a Nitro host. For tests and chroots.
-      - Defaults to E(NITRO_EMULATOR_SYSFS_ROOT) when set, like M(nitro_allocator)'s.
-    type: path
-    default: /
 notes:
   - Supports check mode and diff mode.
 seealso:
-  - module: nitro_eif
-  - module: nitro_allocator
+  - module: nitro_enclaves.fleet.nitro_eif
+  - module: nitro_enclaves.fleet.nitro_allocator
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+  platform:
+    platforms: posix
+requirements:
+  - python >= 3.11 on the host
+  - nitro-cli (L(aws-nitro-enclaves-cli,https://github.com/aws/aws-nitro-enclaves-cli)), or on hosts without
+    C(/dev/nitro_enclaves) the project's C(nitro-cli-emulator)
+extends_documentation_fragment:
+  - nitro_enclaves.fleet.nitro_host
+  - nitro_enclaves.fleet.nitro_host.sysfs
+  - ansible.builtin.action_common_attributes
 """
 
 EXAMPLES = r"""

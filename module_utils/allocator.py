@@ -317,7 +317,7 @@ def _meminfo(root: str) -> dict[str, int]:
     except OSError:
         return out
     for line in text.splitlines():
-        name, _, rest = line.partition(":")
+        name, _sep, rest = line.partition(":")
         fields = rest.split()
         if fields and fields[0].isdigit():
             out[name.strip()] = int(fields[0])

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Union
 
 # Reading gzip ramdisks (an emulated boot inflates the whole application ramdisk): ISA-L inflates about
 # 2x faster than zlib when the `isal` package is there (emulated hosts install it). Writing always uses
@@ -85,8 +85,8 @@ CHUNK_SIZE = 1 << 20
 PARALLEL_THRESHOLD = 16 << 20
 _QUEUE_DEPTH = 8
 
-assert _HEADER_STRUCT.size == HEADER_SIZE
-assert _SECTION_STRUCT.size == SECTION_HEADER_SIZE
+if _HEADER_STRUCT.size != HEADER_SIZE or _SECTION_STRUCT.size != SECTION_HEADER_SIZE:
+    raise AssertionError("EIF header struct layouts disagree with HEADER_SIZE / SECTION_HEADER_SIZE")
 
 
 class EifError(ValueError):
@@ -274,9 +274,9 @@ class _CborReader:
             if items > len(self.data) - self.pos:
                 raise EifError(f"signature section: CBOR claims {arg} items, more than the data holds")
             if major == 4:
-                return [self.value(depth + 1) for _ in range(arg)]
+                return [self.value(depth + 1) for _item in range(arg)]
             out: dict[Any, Any] = {}
-            for _ in range(arg):
+            for _item in range(arg):
                 key = self.value(depth + 1)
                 if not isinstance(key, str | int):
                     raise EifError("signature section: CBOR map key must be text or integer")
@@ -890,7 +890,8 @@ def metadata_describe(metadata: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 # Writer (reference §1.5, §1.9)
 
-Source = bytes | bytearray | memoryview | str | os.PathLike[str]
+# Union, not |: module_utils are linted for the older Pythons a managed host may have.
+Source = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]
 
 
 def _source_size(source: Source) -> int:
@@ -973,7 +974,7 @@ def write_eif(
         (SectionType.METADATA, meta),
         *((SectionType.RAMDISK, r) for r in ramdisks),
     ]
-    sizes = [_source_size(src) for _, src in plan]
+    sizes = [_source_size(src) for _kind, src in plan]
     if len(plan) + (1 if signer else 0) > MAX_NUM_SECTIONS:
         raise EifError(f"too many sections ({len(plan)}); an EIF holds at most {MAX_NUM_SECTIONS}")
     total = sum(sizes)
@@ -1294,7 +1295,7 @@ def iter_cpio(handle: IO[bytes]) -> Iterator[tuple[CpioMember, Callable[[int], b
             fields = [int(fields_raw[i : i + 8], 16) for i in range(0, 104, 8)]
         except ValueError:
             raise EifError("cpio header has non-hex fields") from None
-        ino, mode, uid, gid, nlink, mtime, size, _, _, rmaj, rmin, namesize, _ = fields
+        ino, mode, uid, gid, nlink, mtime, size, _devmajor, _devminor, rmaj, rmin, namesize, _check = fields
         if not 1 <= namesize <= MAX_NAME_SIZE:
             raise EifError(f"cpio name size {namesize} is out of range")
         raw_name = stream.exact(namesize, "name")

@@ -62,7 +62,7 @@ def _check_condition(value: Any, where: str) -> None:
     if not isinstance(value, dict):
         raise PolicyError(f"{where} must be a map of condition operators, got {type(value).__name__}")
     for operator, entries in value.items():
-        qualifier, _, base = operator.rpartition(":")
+        qualifier, _sep, base = operator.rpartition(":")
         base = base[: -len("IfExists")] if base.endswith("IfExists") else base
         if qualifier not in ("", "ForAnyValue", "ForAllValues") or base not in OPERATORS:
             raise PolicyError(f"{where}: {operator[:100]!r} is not a condition operator")

@@ -3,12 +3,17 @@ small EIFs, and running a module's main() under ansible-core's patch_module_args
 
 from __future__ import annotations
 
+import atexit
+import functools
 import importlib.util
 import json
 import os
 import pkgutil
+import shutil
 import stat
+import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -283,6 +288,40 @@ def load_module(name: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def collection_tree() -> Path:
+    """The collection tree scripts/sanity.sh builds (modules + doc fragments under one collection root), once
+    per session: module docs extend `nitro_enclaves.fleet.*` fragments, which only resolve in a collection."""
+    base = Path(tempfile.mkdtemp(prefix="nitro-doc-tree-"))
+    atexit.register(shutil.rmtree, base, True)
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "sanity.sh"), "tree", str(base)],
+        env=dict(os.environ, NITRO_SANITY_BIN=os.path.dirname(sys.executable)),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    collection = Path(out.strip().splitlines()[-1])
+    return collection.parents[2]  # the directory holding ansible_collections/
+
+
+def ansible_doc(name: str) -> tuple[dict[str, Any], str]:
+    """`ansible-doc --json nitro_enclaves.fleet.<name>` rendered from the collection tree: (doc, stderr)."""
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collection_tree()))
+    env.pop("ANSIBLE_CONFIG", None)  # the repository's (library = library/) would shadow the collection's module
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "ansible-doc"), "--json", f"nitro_enclaves.fleet.{name}"],
+        cwd=collection_tree(),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)[f"nitro_enclaves.fleet.{name}"], proc.stderr
 
 
 def run_module(module: Any, args: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
