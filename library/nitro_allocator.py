@@ -206,6 +206,7 @@ from ansible.module_utils.allocator import (
     parse_cpu_list,
     read_config_text,
     render_allocator_yaml,
+    topology_facts,
     validate,
 )
 from ansible.module_utils.basic import AnsibleModule, env_fallback
@@ -316,16 +317,6 @@ def emulator_applied(module: AnsibleModule, cmd: list[str], config: AllocatorCon
 def real_pool_applied(sysfs_root: str) -> bool:
     """On a Nitro host the driver's ne_cpus parameter is empty until the allocator ran."""
     return bool(read_ne_cpus(sysfs_root))
-
-
-def topology_facts(topology: HostTopology) -> dict[str, Any]:
-    return {
-        "online": format_cpu_list(topology.online),
-        "parent_cpus": format_cpu_list(topology.parent_cpus),
-        "threads_per_core": topology.threads_per_core,
-        "numa_nodes": {str(node): format_cpu_list(cpus) for node, cpus in topology.nodes.items()},
-        "memory_capacity_mib": topology.memory_capacity_mib,
-    }
 
 
 def write_atomically(module: AnsibleModule, path: str, text: str) -> None:

@@ -18,6 +18,7 @@ import glob
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 # The driver's smallest enclave (NE_MIN_ENCLAVE_MEM_SIZE): a smaller pool is useless.
 from .enclave_spec import MIN_MEMORY_MIB
@@ -307,6 +308,17 @@ class HostTopology:
             if len(pool) == count:
                 return sorted(pool)
         return None
+
+
+def topology_facts(topology: HostTopology) -> dict[str, Any]:
+    """The host's CPU/memory topology as the modules return it (cpu-list strings)."""
+    return {
+        "online": format_cpu_list(topology.online),
+        "parent_cpus": format_cpu_list(topology.parent_cpus),
+        "threads_per_core": topology.threads_per_core,
+        "numa_nodes": {str(node): format_cpu_list(cpus) for node, cpus in topology.nodes.items()},
+        "memory_capacity_mib": topology.memory_capacity_mib,
+    }
 
 
 def _meminfo(root: str) -> dict[str, int]:

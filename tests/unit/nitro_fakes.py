@@ -170,6 +170,13 @@ elif cmd == "terminate-enclave":
         state["enclaves"] = [e for e in state["enclaves"] if e["EnclaveID"] != eid]
         save()
         print(json.dumps({"EnclaveName": match[0]["EnclaveName"], "EnclaveID": eid, "Terminated": True}, indent=2))
+elif cmd == "describe-eif":
+    eif = opt("--eif-path")
+    if not os.path.exists(eif):
+        fail(35, f"Failed to open the EIF file {eif}")
+    image = read_eif(eif)
+    print(json.dumps({"EifVersion": image.header.version, "Measurements": image.measurements,
+                      "IsSigned": image.is_signed}, indent=2))
 elif cmd == "build-enclave":
     from nitro_module_utils.eif import write_eif, make_metadata
     uri = opt("--docker-uri")
