@@ -1,6 +1,7 @@
 """Runs every role's molecule scenario (converge, idempotence, verify) against systemd containers.
 
-Scenarios need no state from each other, so `make test` runs them with pytest-xdist workers.
+Scenarios need no state from each other, so `make test` runs them with pytest-xdist workers. molecule
+finds the shared settings itself (.config/molecule/config.yml), as from a role directory by hand.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-BASE_CONFIG = REPO_ROOT / "tests" / "molecule" / "base.yml"
 # Each role's scenarios, plus the project's own (tests/molecule/<name>: multi-host runs of the plays).
 SCENARIOS = sorted(p.parent for p in (REPO_ROOT / "roles").glob("*/molecule/*/molecule.yml")) + sorted(
     p.parent for p in (REPO_ROOT / "tests" / "molecule").glob("*/molecule.yml")
@@ -31,14 +31,13 @@ def scenario_id(path: Path) -> str:
 def test_molecule_scenario(scenario: Path, docker_engine: str) -> None:
     project_dir = scenario.parent.parent  # the directory holding molecule/<scenario>
     env = dict(os.environ)
-    env["MOLECULE_RUN_ID"] = f"{project_dir.name}-{scenario.name}".replace("_", "-")
+    # Instance names are per project (the .env.yml beside molecule/): the scenario name completes them.
+    env["MOLECULE_RUN_ID"] = scenario.name.replace("_", "-")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.setdefault("NITRO_ANSIBLE_ROOT", str(REPO_ROOT))
-    env.setdefault("NITRO_ANSIBLE_WHEELHOUSE", str(REPO_ROOT / ".cache" / "wheelhouse"))
-    env.pop("ANSIBLE_CONFIG", None)  # molecule writes its own, from base.yml
+    env.pop("ANSIBLE_CONFIG", None)  # molecule writes its own, from .config/molecule/config.yml
     result = subprocess.run(
         # The console script, not `python -m molecule`: from tests/ that would import tests/molecule.
-        [str(Path(sys.executable).parent / "molecule"), "--base-config", str(BASE_CONFIG), "test", "-s", scenario.name],
+        [str(Path(sys.executable).parent / "molecule"), "test", "-s", scenario.name],
         cwd=project_dir,
         env=env,
         stdout=subprocess.PIPE,
