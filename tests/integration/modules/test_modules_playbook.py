@@ -1,8 +1,9 @@
-"""nitro_eif, nitro_allocator and nitro_enclave run through `ansible-playbook` on localhost against the
-real emulator (`.venv/bin/nitro-cli-emulator`), with private emulator locations in temp dirs.
+"""nitro_eif, nitro_allocator, nitro_enclave and nitro_enclave_info run through `ansible-playbook` on localhost
+against the real emulator (`.venv/bin/nitro-cli-emulator`), with private emulator locations in temp dirs.
 
 Flow: allocate, build the EIF from a Docker build dir (and not again), describe it, run the enclave
-(check mode first), wait for its vsock port, re-run (no change), change memory (relaunch), absent,
+(check mode first), wait for its vsock port, re-run (no change), describe the host
+(nitro_enclave_info), change memory (relaunch), absent,
 absent again; then an allocator change with an enclave running (refused) and with terminate_running.
 """
 
@@ -191,6 +192,8 @@ def test_modules_against_the_emulator(host: Host, app_dir: Path) -> None:
             {**enclave_task("check", eif, memory), "check_mode": True},
             enclave_task("run", eif, memory, wait_for=wait),
             enclave_task("rerun", eif, memory, wait_for=wait),
+            # Read-only, so check mode gives the real answer.
+            {"name": "info", "nitro_enclave_info": {"path": str(eif)}, "check_mode": True},
         ],
         "--diff",
     )
@@ -205,6 +208,14 @@ def test_modules_against_the_emulator(host: Host, app_dir: Path) -> None:
     assert run["waited"] >= 0
     assert host.ask(31) == b"pong"
     assert rerun["changed"] is False and rerun["enclave"]["EnclaveID"] == record["EnclaveID"]
+    info = runs["info"]
+    assert info.get("failed") is not True, info
+    assert info["changed"] is False
+    assert [e["EnclaveID"] for e in info["enclaves"]] == [record["EnclaveID"]]
+    assert info["eif_exists"] is True and info["eif"]["Measurements"] == build["measurements"]
+    assert info["allocator"]["config"] == {"memory_mib": 4096, "cpu_count": 4}
+    assert info["allocator"]["applied"]["cpu_pool"] == "1-2,5-6"
+    assert info["ansible_facts"]["nitro_enclaves"]["enclaves"] == info["enclaves"]
 
     changes = host.play(
         [
