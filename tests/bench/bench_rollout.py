@@ -5,13 +5,12 @@ Each host is a container from the local base image on the host network, with its
 fit 50 on 2 cores they are lighter than a systemd container: no systemd and no journald (PID 1 sleeps
 under docker's init, which reaps orphans), so supervised_service runs every service under its restart
 loop, as on any host without systemd; the roles, the services and the enclave app are the same.
-BENCH_ROLLOUT_HOSTS sets the fleet size (default
-50), BENCH_ROLLOUT_SYSTEMD=1 brings back systemd hosts. site.yml converges the fleet (not timed); then
-rollout.yml rolls it to a new image in two batches (serial 50 %) and is timed. Then the fleet idles for
-IDLE_S seconds and the CPU (utime + stime, reaped children included) of each host's processes is
-summed. Figures are printed, never asserted. What dominates is shown two ways: where the CPU went while
-each rollout ran (2 cores shared by the controller, the container hosts and their enclaves), and the
-slowest tasks of the fleet's rollout.
+BENCH_ROLLOUT_HOSTS sets the fleet size (default 50), BENCH_ROLLOUT_SYSTEMD=1 brings back systemd
+hosts. site.yml converges the fleet (not timed); then rollout.yml rolls it to a new image in two batches
+(serial 50 %) and is timed. Then the fleet idles for IDLE_S seconds and the CPU (utime + stime, reaped
+children included) of each host's processes is summed. Figures are printed, never asserted. What
+dominates is shown two ways: where the CPU went while each rollout ran (2 cores shared by the
+controller, the container hosts and their enclaves), and the slowest tasks of the fleet's rollout.
 """
 
 from __future__ import annotations
