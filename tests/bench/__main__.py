@@ -11,9 +11,17 @@ def main(selected: list[str]) -> int:
     names = sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
     if selected:
         names = [n for n in names if any(s in n for s in selected)]
+    rows: list[tuple[str, str, str]] = []
     for name in names:
         print(f"\n=== {name} ===", flush=True)
-        importlib.import_module(f"tests.bench.{name}").main()
+        module = importlib.import_module(f"tests.bench.{name}")
+        module.main()
+        rows += getattr(module, "SUMMARY", [])  # (target, figure, goal) rows a benchmark filled in
+    if rows:
+        print("\n=== summary ===")
+        width = max(len(target) for target, _, _ in rows)
+        for target, figure, goal in rows:
+            print(f"{target:<{width}}  {figure:>22}  (target {goal})")
     return 0
 
 

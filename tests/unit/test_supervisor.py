@@ -3,10 +3,12 @@ an enclave that stops answering on vsock, terminate on stop, never launch while 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -15,7 +17,15 @@ from pathlib import Path
 import pytest
 from enclave_tokenizer import supervisor as supervisor_module
 from enclave_tokenizer import upgrade
-from enclave_tokenizer.supervisor import FULL_CHECK_EVERY, REEXEC, ConfigError, Supervisor, load_config, run
+from enclave_tokenizer.supervisor import (
+    FULL_CHECK_EVERY,
+    REEXEC,
+    WATCHED_FULL_CHECK_EVERY,
+    ConfigError,
+    Supervisor,
+    load_config,
+    run,
+)
 from enclave_tokenizer.supervisor_state import StatusFile, read_status, status_path_for, wait_settled
 from enclave_tokenizer.upgrade import UpgradeWatch
 from nitro_fakes import FakeHost, make_eif
@@ -171,6 +181,82 @@ def test_only_the_expected_image_is_launched(
     host.state.write_text(json.dumps({"enclaves": [], "next": 9}))
     assert sup.check() == "waiting"
     assert host.enclaves() == []
+
+
+def answering(app: AppPort) -> AppPort:
+    """Accepts (and closes) every connection, so that many quick checks never fill the backlog."""
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                app.listener.accept()[0].close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return app
+
+
+def enclave_process_stand_in() -> subprocess.Popen[bytes]:
+    """A live process whose command line names the emulator's enclave process, as a real one does."""
+    code = "import time; time.sleep(120)"
+    return subprocess.Popen([sys.executable, "-c", code, "nitro_emulator.enclave_process"])
+
+
+def test_the_enclave_process_is_watched_instead_of_asking_nitro_cli(
+    host: FakeHost, eif: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("enclave_tokenizer.supervisor.WATCH_STEP_S", 0.05)
+    app = answering(AppPort(tmp_path))
+    sup = supervisor(write_config(tmp_path / "tok.json", eif), health_port=5000)
+    assert sup.check() == "launched"
+    process = enclave_process_stand_in()
+    try:
+        state = json.loads(host.state.read_text())
+        state["enclaves"][0]["ProcessID"] = process.pid
+        host.state.write_text(json.dumps(state))
+        assert sup.check() == "ok" and sup.process.pid == process.pid
+        describes = host.subcommands().count("describe-enclaves")
+        # Watched: many more quick checks (vsock only) pass before nitro-cli is asked as a fallback.
+        quick = WATCHED_FULL_CHECK_EVERY - 1
+        assert quick > FULL_CHECK_EVERY
+        assert [sup.check() for _ in range(quick)] == ["ok"] * quick
+        assert host.subcommands().count("describe-enclaves") == describes
+        assert sup.check() == "ok"
+        assert host.subcommands().count("describe-enclaves") == describes + 1
+
+        # The process exits: the wait ends at once (not at the next interval) and a full check follows,
+        # which finds the enclave gone and relaunches it.
+        threading.Timer(0.2, process.kill).start()
+        start = time.monotonic()
+        sup.wait_for_next_check(60)
+        assert time.monotonic() - start < 10
+        process.wait()
+        host.state.write_text(json.dumps({"enclaves": [], "next": 9}))
+        assert sup.check() == "launched"
+        assert not sup.process.active
+    finally:
+        process.kill()
+        process.wait()
+        app.stop()
+
+
+def test_a_pid_that_is_not_an_enclave_process_is_not_watched(host: FakeHost, eif: Path, tmp_path: Path) -> None:
+    app = answering(AppPort(tmp_path))
+    sup = supervisor(write_config(tmp_path / "tok.json", eif), health_port=5000)
+    sup.check()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        state = json.loads(host.state.read_text())
+        state["enclaves"][0]["ProcessID"] = other.pid
+        host.state.write_text(json.dumps(state))
+        assert sup.check() == "ok"
+        assert not sup.process.active  # polled as before: nitro-cli every FULL_CHECK_EVERY checks
+        describes = host.subcommands().count("describe-enclaves")
+        assert [sup.check() for _ in range(FULL_CHECK_EVERY)] == ["ok"] * FULL_CHECK_EVERY
+        assert host.subcommands().count("describe-enclaves") == describes + 1
+    finally:
+        other.kill()
+        other.wait()
+        app.stop()
 
 
 def test_a_tools_upgrade_re_executes_and_keeps_the_enclave(
