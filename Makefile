@@ -43,7 +43,7 @@ $(WHEELHOUSE)/.deps: requirements.txt | $(BIN)/.installed
 	@mkdir -p $(WHEELHOUSE)
 	$(BIN)/pip download -q -d $(WHEELHOUSE) --only-binary=:all: --python-version 3.11 \
 	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-	  -c requirements.txt cbor2 cryptography asn1crypto pyyaml aiohttp boto3 isal
+	  -c requirements.txt cbor2 cryptography asn1crypto pyyaml aiohttp boto3 isal prometheus_client
 	@touch $@
 
 # The project wheel is rebuilt when its sources change, reproducibly (fixed timestamps), so hosts

@@ -66,6 +66,9 @@ class GatewayConfig:
     attestation_root_pem: str | None = None  # default: AWS Nitro Enclaves Root G1
     allow_debug: bool = False
     log_level: str = "INFO"
+    # GET /metrics (Prometheus); the attestation + canary self-check runs every this many s (0: never).
+    metrics: bool = True
+    metrics_self_check_interval: float = 300.0
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> GatewayConfig:
