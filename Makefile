@@ -12,7 +12,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export NITRO_ANSIBLE_ROOT := $(CURDIR)
 export NITRO_ANSIBLE_WHEELHOUSE := $(CURDIR)/$(WHEELHOUSE)
 
-.PHONY: help setup venv docker images wheelhouse site test test-fast test-unit test-integration test-molecule lint bench chaos docs clean
+.PHONY: help setup venv docker images prometheus wheelhouse site test test-fast test-unit test-integration test-molecule lint bench chaos docs clean
 
 help:
 	@echo "make site   - set up if needed, then run site.yml on the default inventory (localhost, emulated)"
@@ -20,7 +20,7 @@ help:
 	@echo "make test-fast - lint + unit tests only (inner loop)"
 	@echo "make bench  - benchmarks; prints figures"
 	@echo "make lint   - ansible-lint (production profile) and ruff"
-	@echo "make setup  - only the set-up: .venv, Docker engine, base images, wheelhouse"
+	@echo "make setup  - only the set-up: .venv, Docker engine, base images, wheelhouse, prometheus"
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "setup: $(PYTHON) is required (Debian: apt-get install python3)"; exit 1; }
@@ -37,6 +37,10 @@ docker:
 
 images: docker
 	@scripts/base-images.sh
+
+# Debian's prometheus: the server and promtool the monitoring tests run.
+prometheus:
+	@scripts/prometheus.sh
 
 # Hosts never reach PyPI: everything they install comes from this pinned wheelhouse.
 $(WHEELHOUSE)/.deps: requirements.txt | $(BIN)/.installed
@@ -59,7 +63,7 @@ $(WHEELHOUSE)/.project: $(PROJECT_SOURCES) | $(BIN)/.installed
 
 wheelhouse: $(WHEELHOUSE)/.deps $(WHEELHOUSE)/.project
 
-setup: venv images wheelhouse
+setup: venv images wheelhouse prometheus
 
 site: setup
 	$(BIN)/ansible-playbook site.yml
@@ -69,7 +73,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/ansible-lint --profile production
 
-test-unit: venv
+test-unit: venv prometheus
 	$(BIN)/pytest tests/unit
 
 test-fast: lint test-unit
