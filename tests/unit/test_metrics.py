@@ -5,6 +5,7 @@ capability appears anywhere in a scrape."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -132,3 +133,18 @@ def test_result_codes_and_key_check_are_bounded() -> None:
     assert result_code(web.json_response({}, status=200)) == "ok"
     assert key_check_number("deadbeef") == 0xDEADBEEF
     assert key_check_number("4111111111111111") is None and key_check_number(None) is None
+
+
+def test_metrics_options_are_checked(tmp_path: Path) -> None:
+    from enclave_tokenizer.parent import ConfigError, GatewayConfig
+
+    config = tmp_path / "gateway.yaml"
+    for text, message in (
+        ("metrics: 'yes please'", "metrics must be true or false, not 'yes please'"),
+        ("metrics_self_check_interval: -1", "metrics_self_check_interval must be seconds >= 0 (0: off), not -1"),
+    ):
+        config.write_text(f"enclave_cid: 16\n{text}\n")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            GatewayConfig.load(config)
+    config.write_text("enclave_cid: 16\nmetrics: false\nmetrics_self_check_interval: 0\n")
+    assert GatewayConfig.load(config).metrics is False
