@@ -143,3 +143,65 @@ def test_alerts_and_dashboard_query_only_exported_metrics(tmp_path: Path) -> Non
 @pytest.mark.parametrize("path", [ALERTS, ALERTS_TEST])
 def test_rule_files_are_yaml(path: Path) -> None:
     assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+FLEET_INVENTORY = """
+all:
+  children:
+    prometheus:
+      hosts:
+        localhost:
+          ansible_connection: local
+          ansible_python_interpreter: "{{ ansible_playbook_python }}"
+    enclave_hosts:
+      hosts:
+        h1: {ansible_host: 10.0.0.5, vsock_tokenizer_gateway_listen: "0.0.0.0:9100"}
+        h2: {}
+        h3: {vsock_tokenizer_metrics: false}
+        h4:
+          monitoring_target_host: h4.internal
+          vsock_tokenizer_gateway_listen: "127.0.0.1:8081"
+          nitro_enclave_name: pay
+"""
+
+
+def run_monitoring_play(inventory: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [str(ROOT / ".venv" / "bin" / "ansible-playbook"), "-i", str(inventory), "playbooks/monitoring.yml"]
+    command += ["-e", f"monitoring_file_sd_path={out}/file_sd/nitro-enclaves.json", "-e", f"monitoring_rules_dir={out}"]
+    return subprocess.run([*command, *extra], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_monitoring_play_writes_the_fleet_file_sd_targets_and_rules(tmp_path: Path) -> None:
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(FLEET_INVENTORY)
+    out = tmp_path / "prometheus"
+    run = run_monitoring_play(inventory, out)
+    assert run.returncode == 0, run.stdout[-3000:]
+    targets = json.loads((out / "file_sd" / "nitro-enclaves.json").read_text())
+    assert targets == [
+        {"targets": ["10.0.0.5:9100"], "labels": {"host": "h1", "enclave_name": "tokenizer"}},  # wildcard: ansible_host
+        {"targets": ["127.0.0.1:8080"], "labels": {"host": "h2", "enclave_name": "tokenizer"}},  # the role's default
+        {"targets": ["h4.internal:8081"], "labels": {"host": "h4", "enclave_name": "pay"}},  # h3: metrics off
+    ]
+    assert (out / "nitro-enclaves.yml").read_text() == ALERTS.read_text()
+    # Prometheus itself accepts the file_sd file and the installed rules.
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [str(out / "nitro-enclaves.yml")],
+                "scrape_configs": [
+                    {
+                        "job_name": "nitro-enclaves-gateway",
+                        "file_sd_configs": [{"files": [str(out / "file_sd" / "nitro-enclaves.json")]}],
+                    }
+                ],
+            }
+        )
+    )
+    check = subprocess.run([promtool(), "check", "config", str(config)], capture_output=True, text=True)
+    assert check.returncode == 0 and "SUCCESS: 11 rules found" in check.stdout, check.stdout + check.stderr
+    again = run_monitoring_play(inventory, out)
+    assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout[-3000:]
+    wrong = run_monitoring_play(inventory, out, "-e", "monitoring_target_group=nope")
+    assert wrong.returncode != 0 and "monitoring_target_group=nope is not an inventory group" in wrong.stdout
