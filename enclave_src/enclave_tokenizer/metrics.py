@@ -18,7 +18,9 @@ reads for /healthz: relaunch count, last relaunch reason and time, state. No sec
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -26,8 +28,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .client import TokenizerError
@@ -75,9 +77,10 @@ def result_code(response: web.StreamResponse) -> str:
 
 
 def _route(request: web.BaseRequest) -> str:
-    from .gateway import _route as route_pattern  # the gateway's own rule: the pattern, never the path
-
-    route = route_pattern(request)
+    """The route's pattern (never the request's own path), for the known routes only."""
+    info = request.match_info
+    resource = info.route.resource if info is not None else None
+    route = resource.canonical if resource is not None else None
     return route if route in _ROUTE_OPS else "unmatched"
 
 
@@ -101,6 +104,34 @@ def _items(request: dict[str, Any], result: dict[str, Any]) -> tuple[int, int]:
     return 1, 0
 
 
+class _Timings:
+    """Count, sum and bucket counts of one labelled series (a histogram's child), updated without a lock:
+    the gateway is one event loop, and a scrape reads between two updates. prometheus_client's own
+    Counter/Histogram take a lock per update (three per request): that showed in the request rate."""
+
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sum = 0.0
+        self.buckets = [0] * (len(_LATENCY_BUCKETS) + 1)  # the last one: above the largest bound (+Inf)
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.sum += seconds
+        self.buckets[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+
+
+def _histogram(name: str, doc: str, label: str, series: dict[str, list[_Timings]]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=[label])
+    for value, parts in sorted(series.items()):
+        counts = [sum(t.buckets[i] for t in parts) for i in range(len(_LATENCY_BUCKETS) + 1)]
+        cumulative = list(itertools.accumulate(counts))
+        buckets = [(repr(b), c) for b, c in zip(_LATENCY_BUCKETS, cumulative, strict=False)]
+        family.add_metric([value], [*buckets, ("+Inf", cumulative[-1])], sum(t.sum for t in parts))
+    return family
+
+
 class GatewayMetrics:
     """One gateway's metrics, in a registry of its own (tests run several gateways in one process)."""
 
@@ -108,50 +139,22 @@ class GatewayMetrics:
         self.gateway = gateway
         self.self_check_interval = self_check_interval
         self.registry = CollectorRegistry(auto_describe=False)
-        r = self.registry
-        self.requests = Counter(
-            f"{PREFIX}_gateway_requests",
-            "HTTP requests answered, by route, op and result code",
-            ["route", "op", "code"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            f"{PREFIX}_gateway_request_duration_seconds",
-            "Time to answer an HTTP request (holds included)",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.enclave_requests = Counter(
-            f"{PREFIX}_enclave_requests",
-            "Requests to the enclave app, by op and result code",
-            ["op", "code"],
-            registry=r,
-        )
-        self.enclave_latency = Histogram(
-            f"{PREFIX}_enclave_request_duration_seconds",
-            "Enclave round trip over vsock, by op",
-            ["op"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.items = Counter(
-            f"{PREFIX}_tokens_processed", "Card numbers tokenized / tokens detokenized", ["op"], registry=r
-        )
-        self.item_errors = Counter(f"{PREFIX}_token_errors", "Batch items refused (invalid input)", ["op"], registry=r)
-        self.in_flight = Gauge(
-            f"{PREFIX}_enclave_requests_in_flight", "Enclave requests awaiting an answer", registry=r
-        )
-        self.attest_failures = Counter(f"{PREFIX}_attestation_failures", "Failed attestation checks", registry=r)
+        # (route, code) and (op, code) -> timings; the counters by code are their counts.
+        self.requests: dict[tuple[str, str], _Timings] = {}
+        self.enclave_requests: dict[tuple[str, str], _Timings] = {}
+        self.items: dict[str, int] = {}
+        self.item_errors: dict[str, int] = {}
+        self.in_flight = 0
+        self.attest_failures = 0
         self.answering: bool = False
         self.health: dict[str, Any] = {}
         self.attested_at: float | None = None  # time.time() of the last valid attestation
         self.attest_ok: bool | None = None
         self.canary_ok: bool | None = None
         self.canary_at: float | None = None
-        self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}  # labels() is a lookup: cached per key
         self._task: asyncio.Task[None] | None = None
-        r.register(_StateCollector(self))
+        self.registry.register(_TrafficCollector(self))
+        self.registry.register(_StateCollector(self))
         self._wrap_enclave_calls()
 
     # ---------------------------------------------------------------- hooks
@@ -170,47 +173,47 @@ class GatewayMetrics:
         code = "internal"
         try:
             response = await handler(request)
-            code = result_code(response)
+            code = "ok" if response.status < 400 else result_code(response)
             return response
         except web.HTTPException as exc:  # only redirects and the like escape the JSON error middleware
             code = "ok" if exc.status < 400 else "other"
             raise
         finally:
-            route = _route(request)
-            key = (route, code)
-            children = self._children.get(key)
-            if children is None:
-                children = self._children[key] = (
-                    self.requests.labels(route, _ROUTE_OPS.get(route, "none"), code),
-                    self.latency.labels(route),
-                )
-            children[0].inc()
-            children[1].observe(time.perf_counter() - start)
+            key = (_route(request), code)
+            timings = self.requests.get(key)
+            if timings is None:
+                timings = self.requests[key] = _Timings()
+            timings.observe(time.perf_counter() - start)
 
     def _wrap_enclave_calls(self) -> None:
         """Time every enclave round trip (the client's one entry point) and record attest/canary results."""
         gateway = self.gateway
         client_request = gateway.client.request
 
+        def observe(op: str, code: str, seconds: float) -> None:
+            timings = self.enclave_requests.get((op, code))
+            if timings is None:
+                timings = self.enclave_requests[(op, code)] = _Timings()
+            timings.observe(seconds)
+
         async def request(enclave_request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
             op = enclave_request.get("op")
             op = op if op in ENCLAVE_OPS else "other"
             start = time.perf_counter()
-            self.in_flight.inc()
+            self.in_flight += 1
             try:
                 result = await client_request(enclave_request, timeout)
             except TokenizerError as exc:
-                self.enclave_requests.labels(op, exc.code if exc.code in RESULT_CODES else "other").inc()
+                observe(op, exc.code if exc.code in RESULT_CODES else "other", time.perf_counter() - start)
                 raise
             finally:
-                self.in_flight.dec()
-                self.enclave_latency.labels(op).observe(time.perf_counter() - start)
-            self.enclave_requests.labels(op, "ok").inc()
+                self.in_flight -= 1
+            observe(op, "ok", time.perf_counter() - start)
             if op in ("tokenize", "detokenize"):
                 done, refused = _items(enclave_request, result)
-                self.items.labels(op).inc(done)
+                self.items[op] = self.items.get(op, 0) + done
                 if refused:
-                    self.item_errors.labels(op).inc(refused)
+                    self.item_errors[op] = self.item_errors.get(op, 0) + refused
             return result
 
         gateway.client.request = request  # type: ignore[method-assign]
@@ -222,7 +225,7 @@ class GatewayMetrics:
             if self.attest_ok:
                 self.attested_at = time.time()
             else:
-                self.attest_failures.inc()
+                self.attest_failures += 1
             return result
 
         async def canaried() -> dict[str, Any]:
@@ -271,6 +274,50 @@ class GatewayMetrics:
             except Exception as exc:  # the loop must outlive any single failure
                 log.error("metrics self-check: %s", type(exc).__name__)
             await asyncio.sleep(min(2.0, self.self_check_interval))
+
+
+class _TrafficCollector(Collector):
+    """Requests, latencies and items, from the accumulators the hot path updates."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> list[Metric]:
+        m = self.m
+        requests = CounterMetricFamily(
+            f"{PREFIX}_gateway_requests", "HTTP requests answered, by route, op and result code",
+            labels=["route", "op", "code"],
+        )  # fmt: skip
+        by_route: dict[str, list[_Timings]] = {}
+        for (route, code), timings in sorted(m.requests.items()):
+            requests.add_metric([route, _ROUTE_OPS.get(route, "none"), code], timings.count)
+            by_route.setdefault(route, []).append(timings)
+        enclave = CounterMetricFamily(
+            f"{PREFIX}_enclave_requests", "Requests to the enclave app, by op and result code", labels=["op", "code"]
+        )
+        by_op: dict[str, list[_Timings]] = {}
+        for (op, code), timings in sorted(m.enclave_requests.items()):
+            enclave.add_metric([op, code], timings.count)
+            by_op.setdefault(op, []).append(timings)
+        items = CounterMetricFamily(
+            f"{PREFIX}_tokens_processed", "Card numbers tokenized / tokens detokenized", labels=["op"]
+        )
+        errors = CounterMetricFamily(f"{PREFIX}_token_errors", "Batch items refused (invalid input)", labels=["op"])
+        for op in ("tokenize", "detokenize"):
+            items.add_metric([op], m.items.get(op, 0))
+            errors.add_metric([op], m.item_errors.get(op, 0))
+        return [
+            requests,
+            _histogram(f"{PREFIX}_gateway_request_duration_seconds", "Time to answer an HTTP request (holds "
+                       "included)", "route", by_route),
+            enclave,
+            _histogram(f"{PREFIX}_enclave_request_duration_seconds", "Enclave round trip over vsock", "op", by_op),
+            items,
+            errors,
+            GaugeMetricFamily(f"{PREFIX}_enclave_requests_in_flight", "Enclave requests awaiting an answer",
+                              value=m.in_flight),
+            CounterMetricFamily(f"{PREFIX}_attestation_failures", "Failed attestation checks", value=m.attest_failures),
+        ]  # fmt: skip
 
 
 class _StateCollector(Collector):
