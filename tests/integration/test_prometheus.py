@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +21,6 @@ import yaml
 
 from tests.bench import chaos
 from tests.conftest import REPO_ROOT, VENV_BIN, free_port, wait_for_port
-from tests.integration.test_tokenizer_e2e import Host
 
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.slow]
 
@@ -33,20 +30,9 @@ JOB = "nitro-enclaves-gateway"  # the alert rules' job
 
 @pytest.fixture(scope="module")
 def parent(docker_engine: str) -> Iterator[chaos.Parent]:
-    work = Path(tempfile.mkdtemp(prefix="nitro-prom-build-"))
-    root = Path(f"/tmp/nprom-{uuid.uuid4().hex[:8]}")  # short: UNIX socket paths stay < 108 bytes
-    host = Host(root)
-    try:
-        eif = chaos.build_images(work, only=())["old"]
-        the_parent = chaos.Parent(host, {"old": eif, "crash": eif})
-        the_parent.gateway_config["metrics_self_check_interval"] = 1  # attestation age and canary move in seconds
-        the_parent.restart_gateway()
-        the_parent.wait_healthy()
+    # The base image only; the self-check every second: attestation age and canary move in seconds.
+    with chaos.emulated_parent("prom", only=(), metrics_self_check_interval=1) as the_parent:
         yield the_parent
-    finally:
-        host.close()
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 class Prometheus:

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import test_client_gateway as gateway_tests
 from aiohttp import web
 from enclave_tokenizer.metrics import key_check_number, result_code
 from enclave_tokenizer.supervisor_state import StatusFile
@@ -22,14 +23,12 @@ from tokenizer_harness import CAPABILITY, TEST_KEY, running_server
 PANS = ["4111111111111111", "5500000000000004", "340000000000009", "6011000000000004"]
 
 
-@pytest.fixture
-def vsock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "vsock"
-    path.mkdir()
-    monkeypatch.setenv("NITRO_VSOCK_DIR", str(path))
-    monkeypatch.delenv("NITRO_ENCLAVE_CID", raising=False)
+vsock_dir = gateway_tests.vsock_dir  # the emulated vsock directory of the gateway tests
+
+
+@pytest.fixture(autouse=True)
+def no_nsm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NITRO_NSM_SOCKET", raising=False)  # attestation fails fast: no NSM here
-    return path
 
 
 def scrape(gw: GatewayThread) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
