@@ -12,7 +12,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export NITRO_ANSIBLE_ROOT := $(CURDIR)
 export NITRO_ANSIBLE_WHEELHOUSE := $(CURDIR)/$(WHEELHOUSE)
 
-.PHONY: help setup venv docker images wheelhouse site test test-fast test-unit test-integration test-molecule lint sanity bench chaos docs clean
+.PHONY: help setup venv docker images prometheus wheelhouse site test test-fast test-unit test-integration test-molecule lint sanity bench chaos docs clean
 
 help:
 	@echo "make site   - set up if needed, then run site.yml on the default inventory (localhost, emulated)"
@@ -21,7 +21,7 @@ help:
 	@echo "make bench  - benchmarks; prints figures"
 	@echo "make lint   - ansible-lint (production profile) and ruff"
 	@echo "make sanity - ansible-test sanity over the modules (in a collection tree)"
-	@echo "make setup  - only the set-up: .venv, Docker engine, base images, wheelhouse"
+	@echo "make setup  - only the set-up: .venv, Docker engine, base images, wheelhouse, prometheus"
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "setup: $(PYTHON) is required (Debian: apt-get install python3)"; exit 1; }
@@ -39,12 +39,16 @@ docker:
 images: docker
 	@scripts/base-images.sh
 
+# Debian's prometheus: the server and promtool the monitoring tests run.
+prometheus:
+	@scripts/prometheus.sh
+
 # Hosts never reach PyPI: everything they install comes from this pinned wheelhouse.
 $(WHEELHOUSE)/.deps: requirements.txt | $(BIN)/.installed
 	@mkdir -p $(WHEELHOUSE)
 	$(BIN)/pip download -q -d $(WHEELHOUSE) --only-binary=:all: --python-version 3.11 \
 	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-	  -c requirements.txt cbor2 cryptography asn1crypto pyyaml aiohttp boto3 isal
+	  -c requirements.txt cbor2 cryptography asn1crypto pyyaml aiohttp boto3 isal prometheus_client
 	@touch $@
 
 # The project wheel is rebuilt when its sources change, reproducibly (fixed timestamps), so hosts
@@ -60,7 +64,7 @@ $(WHEELHOUSE)/.project: $(PROJECT_SOURCES) | $(BIN)/.installed
 
 wheelhouse: $(WHEELHOUSE)/.deps $(WHEELHOUSE)/.project
 
-setup: venv images wheelhouse
+setup: venv images wheelhouse prometheus
 
 site: setup
 	$(BIN)/ansible-playbook site.yml
@@ -74,7 +78,7 @@ lint: venv
 sanity: venv
 	scripts/sanity.sh
 
-test-unit: venv
+test-unit: venv prometheus
 	$(BIN)/pytest tests/unit
 
 test-fast: lint test-unit

@@ -8,6 +8,7 @@
                          the expected measurements; ?canary=1 also tokenizes a test card number
                          through the enclave; ?wait=S (at most 300) holds the answer until the
                          report is healthy or S seconds passed (one request per rollout gate).
+    GET  /metrics        Prometheus metrics (text exposition format; see .metrics)
 
 A monitor task polls the enclave; when it answers but is unprovisioned (first start, or a restart:
 its memory and key are gone) the gateway provisions it again. Requests are multiplexed over a pool of
@@ -31,6 +32,7 @@ from aiohttp import http_exceptions, web, web_protocol
 
 from . import parent, protocol, redaction
 from .client import AsyncClient, EnclaveUnavailable, TokenizerError
+from .metrics import GatewayMetrics
 from .parent import ConfigError, GatewayConfig
 from .supervisor_state import read_status
 from .upgrade import UpgradeWatch, default_stamp, reexec
@@ -212,6 +214,7 @@ class Gateway:
         self.unexpected_key_change: dict[str, str] | None = None
         self._rotating = False
         self._recovery: asyncio.Future[dict[str, Any]] | None = None  # the check held requests share
+        self.metrics = GatewayMetrics(self, config.metrics_self_check_interval) if config.metrics else None
 
     def _current_cid(self) -> int:
         if self.cid is None:
@@ -506,6 +509,8 @@ class Gateway:
         app.router.add_get("/healthz", self.handle_health)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
+        if self.metrics is not None:
+            self.metrics.install(app)  # GET /metrics, a middleware and the enclave client's timing
         return app
 
     async def _on_startup(self, app: web.Application) -> None:

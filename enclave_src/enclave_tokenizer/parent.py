@@ -66,6 +66,9 @@ class GatewayConfig:
     attestation_root_pem: str | None = None  # default: AWS Nitro Enclaves Root G1
     allow_debug: bool = False
     log_level: str = "INFO"
+    # GET /metrics (Prometheus); the attestation + canary self-check runs every this many s (0: never).
+    metrics: bool = True
+    metrics_self_check_interval: float = 300.0
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> GatewayConfig:
@@ -99,6 +102,11 @@ class GatewayConfig:
             raise ConfigError("set enclave_cid or enclave_name")
         if not isinstance(self.kms_encryption_context, dict):
             raise ConfigError("kms_encryption_context must be a mapping of strings")
+        if not isinstance(self.metrics, bool):
+            raise ConfigError(f"metrics must be true or false, not {self.metrics!r}")
+        interval = self.metrics_self_check_interval
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
+            raise ConfigError(f"metrics_self_check_interval must be seconds >= 0 (0: off), not {interval!r}")
 
     @property
     def provisioning_configured(self) -> bool:

@@ -107,6 +107,7 @@ class Supervisor:
     _rejected: tuple[tuple[Any, ...], str] | None = None
     _trial: tuple[tuple[Any, ...], float] | None = None  # an unproven configuration launched at (monotonic)
     _pending_reason: str | None = None
+    _seen_enclave: bool = False  # a launch after this supervisor saw its enclave is a relaunch (counted)
     last_good: LastGood = field(init=False)
     status: StatusFile = field(init=False)
 
@@ -242,8 +243,9 @@ class Supervisor:
             changed = differences(records[0], spec, measurements)
             if changed:
                 self.terminate(spec["name"], "configuration changed: " + "; ".join(changed))
-                return self._launch(spec, trial, "relaunched"), None
+                return self._launch(spec, trial, "relaunched", "config_changed"), None
             self._seen_pid = records[0].get("ProcessID")
+            self._seen_enclave = True
             return self.watch_health(spec, records[0], trial), int(records[0]["EnclaveCID"])
         if trial is not None and self._trial is not None and self._trial[0] == trial:
             since = time.monotonic() - self._trial[1]
@@ -253,9 +255,9 @@ class Supervisor:
         log.info("enclave %s is not running: launching", spec["name"])
         return self._launch(spec, trial, "launched"), None
 
-    def _launch(self, spec: dict[str, Any], trial: tuple[Any, ...] | None, done: str) -> str:
+    def _launch(self, spec: dict[str, Any], trial: tuple[Any, ...] | None, done: str, why: str = "stopped") -> str:
         try:
-            launched = self.launch(spec)
+            launched = self.launch(spec, why)
         except NitroCliError as exc:
             if trial is None:
                 raise
@@ -310,13 +312,14 @@ class Supervisor:
             )
             if self._failures >= self.failures_allowed:
                 self.terminate(spec["name"], f"not answering on vsock port {self.health_port}")
-                return "relaunched" if self.launch(spec) else "stopping"
+                return "relaunched" if self.launch(spec, "unresponsive") else "stopping"
             return "unhealthy"
         self._failures = 0
         return "ok"
 
-    def launch(self, spec: dict[str, Any]) -> bool:
-        """Launches the enclave; False (and nothing launched) once the service is stopping."""
+    def launch(self, spec: dict[str, Any], why: str = "stopped") -> bool:
+        """Launches the enclave; False (and nothing launched) once the service is stopping. ``why``: the
+        relaunch reason counted when this supervisor had seen its enclave before."""
         if self.stopping.is_set():
             log.info("not launching enclave %s: the service is stopping", spec["name"])
             return False
@@ -332,6 +335,9 @@ class Supervisor:
             )
         self._failures = 0
         self._launched_at = time.monotonic()
+        if self._seen_enclave:
+            self.status.relaunched(why)
+        self._seen_enclave = True
         log.info(
             "launched enclave %s: id %s, CID %s, CPUs %s, %s MiB",
             spec["name"],

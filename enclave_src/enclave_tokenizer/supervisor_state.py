@@ -34,6 +34,8 @@ log = logging.getLogger("enclave-supervisor")
 STATES = ("running", "starting", "waiting", "fallback", "failed")
 # A settled answer for the configuration on disk: it runs, or it was rejected for a reason.
 SETTLED = ("running", "fallback")
+# Why an enclave this supervisor had seen was launched again (a bounded vocabulary: a metric label).
+RELAUNCH_REASONS = ("stopped", "unresponsive", "config_changed", "other")
 
 
 def status_path_for(config_path: Path) -> Path:
@@ -117,10 +119,20 @@ class StatusFile:
     path: Path | None
     config: Path | None = None
     _last: dict[str, Any] | None = None
+    # Relaunches by this supervisor process (a counter: it restarts from 0 with the service) and the last
+    # one's cause, one of RELAUNCH_REASONS: the gateway's /metrics exports both from this file.
+    relaunches: int = 0
+    last_relaunch: dict[str, Any] | None = None
+
+    def relaunched(self, reason: str) -> None:
+        """Count a relaunch; the next report carries it."""
+        self.relaunches += 1
+        self.last_relaunch = {"reason": reason if reason in RELAUNCH_REASONS else "other", "at": time.time()}
 
     def report(self, state: str, config_sha256: str | None, reason: str | None = None, **extra: Any) -> None:
         config = None if self.config is None else str(self.config)
         body = {"state": state, "reason": reason, "config": config, "config_sha256": config_sha256, **extra}
+        body.update(relaunches=self.relaunches, last_relaunch=self.last_relaunch)
         if self.path is None or body == self._last:
             return
         try:
@@ -151,6 +163,8 @@ def read_status(status_path: Path | str | None) -> dict[str, Any] | None:
         "config": config_path,
         "current": current is None or status.get("config_sha256") == current,
         "updated": status.get("updated"),
+        "relaunches": status.get("relaunches") if isinstance(status.get("relaunches"), int) else 0,
+        "last_relaunch": status.get("last_relaunch") if isinstance(status.get("last_relaunch"), dict) else None,
     }
 
 

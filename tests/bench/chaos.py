@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,9 @@ def http_json(url: str, timeout: float = 90) -> tuple[int, dict[str, Any]]:
         return -1, {"reason": f"{type(exc).__name__}: {exc}"}
 
 
-def build_images(work: Path) -> dict[str, Eif]:
-    """The tokenizer EIF and two variants: one whose app crashes at start, one whose canary fails."""
+def build_images(work: Path, only: tuple[str, ...] = ("crash", "canary")) -> dict[str, Eif]:
+    """The tokenizer EIF and two variants (those in ``only``): one whose app crashes at start, one whose
+    canary fails."""
     ctx = work / "ctx"
     (ctx / "wheels").mkdir(parents=True)
     _run([str(VENV_BIN / "pip"), "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(ctx / "wheels"),
@@ -61,6 +62,7 @@ def build_images(work: Path) -> dict[str, Eif]:
         # Answers, but the key policy does not name its PCR0: no key, the canary tokenization fails.
         "canary": "ENV TOKENIZER_VARIANT=canary\n",
     }
+    variants = {name: tail for name, tail in variants.items() if name in only}
     env = dict(os.environ, NITRO_CLI_ARTIFACTS=str(work / "artifacts"))
     out = work / "eif"
     out.mkdir()
@@ -163,6 +165,27 @@ class Parent:
     def enclave(self) -> dict[str, Any] | None:
         found = json.loads(self.host.emulator("describe-enclaves"))
         return found[0] if found else None
+
+
+@contextlib.contextmanager
+def emulated_parent(prefix: str, only: tuple[str, ...] = ("crash", "canary"), **gateway: Any) -> Iterator[Parent]:
+    """A healthy Parent on a fresh emulated host, its images built (the variants in ``only``; a missing
+    "crash" is the base image), with ``gateway`` options set; everything removed after."""
+    work = Path(tempfile.mkdtemp(prefix=f"nitro-{prefix}-build-"))
+    root = Path(f"/tmp/n{prefix}-{uuid.uuid4().hex[:8]}")  # short: UNIX socket paths stay < 108 bytes
+    host = Host(root)
+    try:
+        eifs = build_images(work, only)
+        parent = Parent(host, {"crash": eifs["old"], **eifs})
+        if gateway:
+            parent.gateway_config.update(gateway)
+            parent.restart_gateway()
+        parent.wait_healthy()
+        yield parent
+    finally:
+        host.close()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def watch_reasons(parent: Parent, until: Callable[[], bool], timeout: float) -> list[str]:

@@ -7,11 +7,8 @@ Request figures are printed (`make chaos` prints them for the README); only outc
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,24 +17,14 @@ from enclave_tokenizer.supervisor_state import wait_settled
 
 from tests.bench import chaos
 from tests.bench.load import PAN, Load
-from tests.integration.test_tokenizer_e2e import Host
 
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def parent(docker_engine: str) -> Iterator[chaos.Parent]:
-    work = Path(tempfile.mkdtemp(prefix="nitro-faults-build-"))
-    root = Path(f"/tmp/nfault-{uuid.uuid4().hex[:8]}")  # short: UNIX socket paths stay < 108 bytes
-    host = Host(root)
-    try:
-        the_parent = chaos.Parent(host, chaos.build_images(work))
-        the_parent.wait_healthy()
+    with chaos.emulated_parent("fault") as the_parent:
         yield the_parent
-    finally:
-        host.close()
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def token(parent: chaos.Parent) -> str:

@@ -475,3 +475,33 @@ def test_wait_reports_what_the_supervisor_settled(tmp_path: Path, eif: Path) -> 
     # The CLI: exit 0 when the configuration on disk runs, 1 with the reason on stderr otherwise.
     assert supervisor_module.main(["--config", str(config), "--status-file", str(status), "--wait", "0"]) == 1
     assert status_path_for(config) == tmp_path / "tok.json.status"
+
+
+def test_relaunches_are_counted_with_their_reason_in_the_status_file(host: FakeHost, eif: Path, tmp_path: Path) -> None:
+    """The gateway's /metrics exports these: the first launch is not a relaunch; each later one is, with
+    its cause from a fixed vocabulary."""
+    config = write_config(tmp_path / "tok.json", eif)
+    status = tmp_path / "tok.status"
+    sup = Supervisor(config_path=config, health_port=None, cli=NitroCli(), status_path=status)
+    assert sup.check() == "launched"
+    sup.check()
+    assert (read_status(status) or {})["relaunches"] == 0
+    host.state.write_text(json.dumps({"enclaves": [], "next": 9}))  # the enclave died
+    assert sup.check() == "launched"
+    report = read_status(status) or {}
+    assert report["relaunches"] == 1 and report["last_relaunch"]["reason"] == "stopped"
+    assert time.time() - report["last_relaunch"]["at"] < 60
+    write_config(config, eif, memory_mib=256)
+    assert sup.check() == "relaunched"
+    report = read_status(status) or {}
+    assert report["relaunches"] == 2 and report["last_relaunch"]["reason"] == "config_changed"
+    # An enclave that stops answering is relaunched for that reason.
+    app = AppPort(tmp_path)
+    watched = Supervisor(
+        config_path=config, health_port=5000, failures_allowed=1, startup_grace=0, cli=NitroCli(), status_path=status
+    )
+    assert watched.check() == "ok"
+    app.stop()
+    assert watched.check() == "relaunched"
+    report = read_status(status) or {}
+    assert report["relaunches"] == 1 and report["last_relaunch"]["reason"] == "unresponsive"
