@@ -187,7 +187,6 @@ topology:
 
 import json
 import os
-import tempfile
 import traceback
 from typing import Any
 
@@ -203,6 +202,7 @@ from ansible.module_utils.allocator import (
     render_allocator_yaml,
     validate,
 )
+from ansible.module_utils.atomic_file import write_atomic
 from ansible.module_utils.basic import AnsibleModule, env_fallback
 from ansible.module_utils.enclave_pool import read_ne_cpus
 from ansible.module_utils.nitro_cli import NitroCli, NitroCliError, NitroCliNotFound, find_emulator, is_emulated
@@ -324,19 +324,8 @@ def topology_facts(topology: HostTopology) -> dict[str, Any]:
 
 
 def write_atomically(module: AnsibleModule, path: str, text: str) -> None:
-    directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".allocator.", suffix=".yaml", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        if not os.path.exists(path):
-            os.chmod(tmp, 0o644)
-        module.atomic_move(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # A new file gets 0644; atomic_move gives a replaced one the mode it had.
+    write_atomic(path, text, 0o644, move=module.atomic_move, dir_mode=0o755)
 
 
 def main() -> None:

@@ -169,6 +169,7 @@ import os
 import tempfile
 from typing import Any
 
+from ansible.module_utils.atomic_file import atomic_path, write_atomic
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.eif import EifError, metadata_describe, read_eif
 from ansible.module_utils.eif_provenance import is_placeholder, require_runnable_here
@@ -228,17 +229,7 @@ def load_json(path: str) -> Any:
 
 
 def write_json_atomically(module: AnsibleModule, path: str, data: Any) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".nitro_eif.", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)
-        module.atomic_move(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, json.dumps(data, indent=2) + "\n", 0o644, move=module.atomic_move)
 
 
 def described(module: AnsibleModule) -> None:
@@ -426,41 +417,38 @@ def run_build(module: AnsibleModule, cli: NitroCli, inputs: dict[str, Any]) -> A
     p = module.params
     path = p["path"]
     directory = os.path.dirname(path) or "."
-    fd, tmp_eif = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".eif", dir=directory)
-    os.close(fd)
     metadata_file = None
     try:
         if p["metadata"] is not None:
             fd, metadata_file = tempfile.mkstemp(prefix=".nitro_eif.metadata.", suffix=".json", dir=directory)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(p["metadata"], handle)
-        try:
-            cli.build_enclave(
-                inputs["docker_uri"],
-                tmp_eif,
-                docker_dir=p["docker_dir"],
-                name=p["name"],
-                version=p["version"],
-                metadata_file=metadata_file,
-                signing_certificate=p["signing_certificate"],
-                private_key=p["private_key"],
-                timeout=p["timeout"],
-            )
-        except NitroCliError as exc:
-            module.fail_json(msg=f"build-enclave failed: {exc}", nitro_cli_error=exc.as_dict())
-        try:
-            image = read_eif(tmp_eif, file_digest=True)
-        except EifError as exc:
-            module.fail_json(msg=f"nitro-cli build-enclave produced an unreadable EIF: {exc}")
-        refuse_placeholder(module, image)
-        os.chmod(tmp_eif, 0o644)
-        module.atomic_move(tmp_eif, path)
+        # nitro-cli writes the EIF beside its final name; it replaces the old one only once it reads back.
+        with atomic_path(path, 0o644, move=module.atomic_move, suffix=".eif") as tmp_eif:
+            try:
+                cli.build_enclave(
+                    inputs["docker_uri"],
+                    tmp_eif,
+                    docker_dir=p["docker_dir"],
+                    name=p["name"],
+                    version=p["version"],
+                    metadata_file=metadata_file,
+                    signing_certificate=p["signing_certificate"],
+                    private_key=p["private_key"],
+                    timeout=p["timeout"],
+                )
+            except NitroCliError as exc:
+                module.fail_json(msg=f"build-enclave failed: {exc}", nitro_cli_error=exc.as_dict())
+            try:
+                image = read_eif(tmp_eif, file_digest=True)
+            except EifError as exc:
+                module.fail_json(msg=f"nitro-cli build-enclave produced an unreadable EIF: {exc}")
+            refuse_placeholder(module, image)
         image.path = path
         return image
     finally:
-        for leftover in (tmp_eif, metadata_file):
-            if leftover and os.path.exists(leftover):
-                os.unlink(leftover)
+        if metadata_file and os.path.exists(metadata_file):
+            os.unlink(metadata_file)
 
 
 def main() -> None:

@@ -233,9 +233,9 @@ waited:
 import json
 import os
 import stat
-import tempfile
 from typing import Any
 
+from ansible.module_utils.atomic_file import write_atomic
 from ansible.module_utils.basic import AnsibleModule, env_fallback
 from ansible.module_utils.eif import EifError, open_regular, read_eif
 from ansible.module_utils.eif_provenance import require_runnable_here
@@ -373,15 +373,7 @@ def configure(module: AnsibleModule) -> None:
             module.fail_json(msg=f"config_path {path}: the directory {directory} does not exist")
         if params["backup"] and before is not None:
             result["backup_file"] = module.backup_local(path)
-        handle, tmp = tempfile.mkstemp(prefix=".nitro_enclave-", dir=directory)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(text)
-            os.chmod(tmp, 0o644)
-            module.atomic_move(tmp, path)
-        finally:
-            if os.path.exists(tmp):  # only when writing or moving failed
-                os.unlink(tmp)
+        write_atomic(path, text, 0o644, move=module.atomic_move)
     module.exit_json(**result)
 
 

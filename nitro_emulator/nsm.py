@@ -21,7 +21,6 @@ import secrets
 import socket
 import stat
 import struct
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
+from nitro_module_utils.atomic_file import write_atomic
 
 __all__ = [
     "NsmDevice",
@@ -138,21 +138,6 @@ def _builder(
     )
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)  # set before any secret byte is written
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _ensure_root(home: Path | None) -> tuple[Path, Path]:
     """Create root-ca.pem/root-ca.key once; safe against concurrent processes and threads."""
     base = emulator_home(home)
@@ -169,8 +154,8 @@ def _ensure_root(home: Path | None) -> tuple[Path, Path]:
             raise RuntimeError(f"{pem} exists but {key} is missing; remove {pem} to create a new emulator root")
         cert_pem, key_pem = _new_root()
         # The key goes first: a visible root-ca.pem always has its key next to it.
-        _write_atomic(key, key_pem, 0o600)
-        _write_atomic(pem, cert_pem, 0o644)
+        write_atomic(key, key_pem, 0o600)
+        write_atomic(pem, cert_pem, 0o644)
     return pem, key
 
 
