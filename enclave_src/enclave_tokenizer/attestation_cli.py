@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.utils import CryptographyDeprecationWarning
+from nitro_module_utils.pcr import is_pcr_hex
 
 from . import redaction
 from .attestation import (
@@ -41,8 +42,8 @@ class _UsageError(Exception):
 
 
 def _parse_pcr(spec: str) -> tuple[int, str]:
-    match = re.fullmatch(r"(?:PCR)?(\d{1,2})=([0-9A-Fa-f]{96})", spec.strip())
-    if not match or int(match.group(1)) > 31:
+    match = re.fullmatch(r"(?:PCR)?(\d{1,2})=(.*)", spec.strip())
+    if not match or int(match.group(1)) > 31 or not is_pcr_hex(match.group(2)):
         raise argparse.ArgumentTypeError(f"expected N=HEX with N in 0..31 and 96 hex characters, got {spec[:120]!r}")
     return int(match.group(1)), match.group(2).lower()
 
