@@ -204,6 +204,7 @@ from ansible.module_utils.allocator import (
 )
 from ansible.module_utils.atomic_file import write_atomic
 from ansible.module_utils.basic import AnsibleModule, env_fallback
+from ansible.module_utils.diff import diff_result
 from ansible.module_utils.enclave_pool import read_ne_cpus
 from ansible.module_utils.nitro_cli import NitroCli, NitroCliError, NitroCliNotFound, find_emulator, is_emulated
 
@@ -389,12 +390,7 @@ def main() -> None:
     if parse_error:
         module.warn(f"the current {path} is not valid for the allocator ({parse_error}); replacing it")
     if file_changed and module._diff:
-        result["diff"] = {
-            "before": before_text or "",
-            "after": after_text,
-            "before_header": path,
-            "after_header": path,
-        }
+        result["diff"] = diff_result(before_text, after_text, path)
 
     manager = choose_manager(params["service_manager"])
     result["service_manager"] = manager

@@ -171,6 +171,7 @@ from typing import Any
 
 from ansible.module_utils.atomic_file import atomic_path, write_atomic
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.diff import diff_result
 from ansible.module_utils.eif import EifError, metadata_describe, read_eif
 from ansible.module_utils.eif_provenance import is_placeholder, require_runnable_here
 from ansible.module_utils.enclave_spec import min_memory_mib
@@ -352,12 +353,7 @@ def present(module: AnsibleModule) -> None:
         "measurements_file": measurements_path,
     }
     if module._diff and build:
-        result["diff"] = {
-            "before": comparable(record),
-            "after": comparable(inputs),
-            "before_header": record_path,
-            "after_header": record_path,
-        }
+        result["diff"] = diff_result(comparable(record), comparable(inputs), record_path)
     if build and module.check_mode:
         result["inputs"] = inputs
         result["image_digest"] = inputs.get("image_id")
