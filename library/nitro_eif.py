@@ -172,7 +172,7 @@ from typing import Any
 from ansible.module_utils.atomic_file import atomic_path, write_atomic
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.diff import diff_result
-from ansible.module_utils.eif import EifError, metadata_describe, read_eif
+from ansible.module_utils.eif import EifError, EifImage, metadata_describe, read_eif
 from ansible.module_utils.eif_provenance import is_placeholder, require_runnable_here
 from ansible.module_utils.enclave_spec import min_memory_mib
 from ansible.module_utils.nitro_cli import NitroCli, NitroCliError
@@ -233,6 +233,17 @@ def write_json_atomically(module: AnsibleModule, path: str, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n", 0o644, move=module.atomic_move)
 
 
+def image_facts(image: EifImage) -> dict[str, Any]:
+    """What both states return about an EIF."""
+    return {
+        "measurements": image.measurements,
+        "eif_sha384": image.file_sha384,
+        "size": image.file_size,
+        "min_memory_mib": min_memory_mib(image.file_size),
+        "placeholder_blobs": is_placeholder(image),
+    }
+
+
 def described(module: AnsibleModule) -> None:
     path = module.params["path"]
     try:
@@ -249,16 +260,7 @@ def described(module: AnsibleModule) -> None:
             describe["Metadata"] = metadata_describe(image.metadata)
     except EifError as exc:
         module.fail_json(msg=f"path {path}: {exc}")
-    module.exit_json(
-        changed=False,
-        path=path,
-        measurements=image.measurements,
-        eif_sha384=image.file_sha384,
-        size=image.file_size,
-        min_memory_mib=min_memory_mib(image.file_size),
-        placeholder_blobs=is_placeholder(image),
-        describe=describe,
-    )
+    module.exit_json(changed=False, path=path, **image_facts(image), describe=describe)
 
 
 def build_inputs(module: AnsibleModule, cli: NitroCli) -> dict[str, Any]:
@@ -389,15 +391,7 @@ def present(module: AnsibleModule) -> None:
         result["measurements_file_changed"] = True
         if not module.check_mode:
             write_json_atomically(module, measurements_path, artifact)
-    result.update(
-        measurements=image.measurements,
-        eif_sha384=image.file_sha384,
-        size=image.file_size,
-        min_memory_mib=min_memory_mib(image.file_size),
-        placeholder_blobs=is_placeholder(image),
-        image_digest=digest,
-        inputs=inputs,
-    )
+    result.update(image_facts(image), image_digest=digest, inputs=inputs)
     module.exit_json(**result)
 
 

@@ -96,34 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_input(source: str) -> bytes:
+def _read_limited(source: str | Path, limit: int, what: str, hint: str = "") -> bytes:
+    """At most ``limit`` bytes of ``source`` ("-": stdin); a larger input is refused, never truncated."""
     try:
         if source == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT + 1)
+            data = sys.stdin.buffer.read(limit + 1)
         else:
             with open(source, "rb") as fh:
-                data = fh.read(MAX_INPUT + 1)
+                data = fh.read(limit + 1)
     except OSError as exc:
-        raise _UsageError(f"cannot read {source}: {exc.strerror}") from None
-    if len(data) > MAX_INPUT:
-        raise _UsageError(f"{source} is larger than {MAX_INPUT} bytes")
+        raise _UsageError(f"cannot read {what}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise _UsageError(f"{what} is larger than {limit} bytes{hint}")
     return data
+
+
+def _read_input(source: str) -> bytes:
+    return _read_limited(source, MAX_INPUT, source)
 
 
 def _read_roots(paths: Sequence[Path] | None) -> list[bytes] | None:
     if not paths:
         return None
-    roots = []
-    for path in paths:
-        try:
-            with open(path, "rb") as handle:
-                pem = handle.read(MAX_ROOT_LEN + 1)
-        except OSError as exc:
-            raise _UsageError(f"cannot read root {path}: {exc.strerror}") from None
-        if len(pem) > MAX_ROOT_LEN:
-            raise _UsageError(f"root {path} is larger than {MAX_ROOT_LEN} bytes: not a PEM certificate")
-        roots.append(pem)
-    return roots
+    return [_read_limited(path, MAX_ROOT_LEN, f"root {path}", ": not a PEM certificate") for path in paths]
 
 
 def _verify(args: argparse.Namespace) -> int:
