@@ -212,12 +212,12 @@ import binascii
 import contextlib
 import datetime
 import os
-import tempfile
 
 with contextlib.suppress(ImportError):  # AnsibleAWSModule reports a missing botocore
     import botocore.exceptions
 
 from ansible.module_utils import data_key_record as records
+from ansible.module_utils.atomic_file import write_atomic
 from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
@@ -271,26 +271,15 @@ def blob_matches(client, blob: bytes, key_arn: str, context: dict) -> tuple[bool
     return source == key_arn, f"it belongs to {source}"
 
 
-def write_atomic(module, path: str, text: str) -> bool:
+def write_if_changed(module, path: str, text: str) -> bool:
     """Write ``text`` to ``path`` unless it already holds it; True when written."""
     with contextlib.suppress(FileNotFoundError), open(path, encoding="ascii", errors="replace") as handle:
         if handle.read() == text:
             return False
     if module.check_mode:
         return True
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".data-key.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)  # until the requested mode is applied below
-        module.atomic_move(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # 0600 until the requested mode is applied below.
+    write_atomic(os.path.abspath(path), text, 0o600, move=module.atomic_move, dir_mode=0o700)
     return True
 
 
@@ -474,7 +463,7 @@ def ensure(module, client, ssm) -> dict:
     if params["dest"]:
         dest = params["dest"]
         result["dest"] = dest
-        result["changed"] |= write_atomic(module, dest, record["ciphertext"] + "\n")
+        result["changed"] |= write_if_changed(module, dest, record["ciphertext"] + "\n")
         if os.path.exists(dest):
             file_args = module.load_file_common_arguments(params, path=dest)
             result["changed"] = module.set_fs_attributes_if_different(file_args, result["changed"])

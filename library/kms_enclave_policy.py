@@ -265,6 +265,7 @@ statements_changed:
 
 import contextlib
 
+from ansible.module_utils.diff import diff_result
 from ansible.module_utils.kms_policy import (
     PolicyError,
     apply_statements,
@@ -327,12 +328,7 @@ def main() -> None:
         statements_changed=result.changed_sids,
     )
     if module._diff:
-        output["diff"] = dict(
-            before=dump_policy(before) + "\n",
-            after=dump_policy(result.policy) + "\n",
-            before_header=f"{key_arn} policy",
-            after_header=f"{key_arn} policy",
-        )
+        output["diff"] = diff_result(dump_policy(before) + "\n", dump_policy(result.policy) + "\n", f"{key_arn} policy")
     module.exit_json(**output)
 
 

@@ -192,7 +192,6 @@ topology:
 
 import json
 import os
-import tempfile
 import traceback
 from typing import Any
 
@@ -209,7 +208,9 @@ from ansible.module_utils.allocator import (
     topology_facts,
     validate,
 )
+from ansible.module_utils.atomic_file import write_atomic
 from ansible.module_utils.basic import AnsibleModule, env_fallback
+from ansible.module_utils.diff import diff_result
 from ansible.module_utils.enclave_pool import read_ne_cpus
 from ansible.module_utils.nitro_cli import NitroCli, NitroCliError, NitroCliNotFound, find_emulator, is_emulated
 
@@ -320,19 +321,8 @@ def real_pool_applied(sysfs_root: str) -> bool:
 
 
 def write_atomically(module: AnsibleModule, path: str, text: str) -> None:
-    directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".allocator.", suffix=".yaml", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        if not os.path.exists(path):
-            os.chmod(tmp, 0o644)
-        module.atomic_move(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # A new file gets 0644; atomic_move gives a replaced one the mode it had.
+    write_atomic(path, text, 0o644, move=module.atomic_move, dir_mode=0o755)
 
 
 def main() -> None:
@@ -396,12 +386,7 @@ def main() -> None:
     if parse_error:
         module.warn(f"the current {path} is not valid for the allocator ({parse_error}); replacing it")
     if file_changed and module._diff:
-        result["diff"] = {
-            "before": before_text or "",
-            "after": after_text,
-            "before_header": path,
-            "after_header": path,
-        }
+        result["diff"] = diff_result(before_text, after_text, path)
 
     manager = choose_manager(params["service_manager"])
     result["service_manager"] = manager

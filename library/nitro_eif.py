@@ -178,8 +178,10 @@ import os
 import tempfile
 from typing import Any
 
+from ansible.module_utils.atomic_file import atomic_path, write_atomic
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.eif import EifError, metadata_describe, read_eif
+from ansible.module_utils.diff import diff_result
+from ansible.module_utils.eif import EifError, EifImage, metadata_describe, read_eif
 from ansible.module_utils.eif_provenance import is_placeholder, require_runnable_here
 from ansible.module_utils.enclave_spec import min_memory_mib
 from ansible.module_utils.nitro_cli import NitroCli, NitroCliError
@@ -237,17 +239,18 @@ def load_json(path: str) -> Any:
 
 
 def write_json_atomically(module: AnsibleModule, path: str, data: Any) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".nitro_eif.", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)
-        module.atomic_move(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, json.dumps(data, indent=2) + "\n", 0o644, move=module.atomic_move)
+
+
+def image_facts(image: EifImage) -> dict[str, Any]:
+    """What both states return about an EIF."""
+    return {
+        "measurements": image.measurements,
+        "eif_sha384": image.file_sha384,
+        "size": image.file_size,
+        "min_memory_mib": min_memory_mib(image.file_size),
+        "placeholder_blobs": is_placeholder(image),
+    }
 
 
 def described(module: AnsibleModule) -> None:
@@ -266,16 +269,7 @@ def described(module: AnsibleModule) -> None:
             describe["Metadata"] = metadata_describe(image.metadata)
     except EifError as exc:
         module.fail_json(msg=f"path {path}: {exc}")
-    module.exit_json(
-        changed=False,
-        path=path,
-        measurements=image.measurements,
-        eif_sha384=image.file_sha384,
-        size=image.file_size,
-        min_memory_mib=min_memory_mib(image.file_size),
-        placeholder_blobs=is_placeholder(image),
-        describe=describe,
-    )
+    module.exit_json(changed=False, path=path, **image_facts(image), describe=describe)
 
 
 def build_inputs(module: AnsibleModule, cli: NitroCli) -> dict[str, Any]:
@@ -370,12 +364,7 @@ def present(module: AnsibleModule) -> None:
         "measurements_file": measurements_path,
     }
     if module._diff and build:
-        result["diff"] = {
-            "before": comparable(record),
-            "after": comparable(inputs),
-            "before_header": record_path,
-            "after_header": record_path,
-        }
+        result["diff"] = diff_result(comparable(record), comparable(inputs), record_path)
     if build and module.check_mode:
         result["inputs"] = inputs
         result["image_digest"] = inputs.get("image_id")
@@ -411,15 +400,7 @@ def present(module: AnsibleModule) -> None:
         result["measurements_file_changed"] = True
         if not module.check_mode:
             write_json_atomically(module, measurements_path, artifact)
-    result.update(
-        measurements=image.measurements,
-        eif_sha384=image.file_sha384,
-        size=image.file_size,
-        min_memory_mib=min_memory_mib(image.file_size),
-        placeholder_blobs=is_placeholder(image),
-        image_digest=digest,
-        inputs=inputs,
-    )
+    result.update(image_facts(image), image_digest=digest, inputs=inputs)
     module.exit_json(**result)
 
 
@@ -435,41 +416,38 @@ def run_build(module: AnsibleModule, cli: NitroCli, inputs: dict[str, Any]) -> A
     p = module.params
     path = p["path"]
     directory = os.path.dirname(path) or "."
-    fd, tmp_eif = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".eif", dir=directory)
-    os.close(fd)
     metadata_file = None
     try:
         if p["metadata"] is not None:
             fd, metadata_file = tempfile.mkstemp(prefix=".nitro_eif.metadata.", suffix=".json", dir=directory)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(p["metadata"], handle)
-        try:
-            cli.build_enclave(
-                inputs["docker_uri"],
-                tmp_eif,
-                docker_dir=p["docker_dir"],
-                name=p["name"],
-                version=p["version"],
-                metadata_file=metadata_file,
-                signing_certificate=p["signing_certificate"],
-                private_key=p["private_key"],
-                timeout=p["timeout"],
-            )
-        except NitroCliError as exc:
-            module.fail_json(msg=f"build-enclave failed: {exc}", nitro_cli_error=exc.as_dict())
-        try:
-            image = read_eif(tmp_eif, file_digest=True)
-        except EifError as exc:
-            module.fail_json(msg=f"nitro-cli build-enclave produced an unreadable EIF: {exc}")
-        refuse_placeholder(module, image)
-        os.chmod(tmp_eif, 0o644)
-        module.atomic_move(tmp_eif, path)
+        # nitro-cli writes the EIF beside its final name; it replaces the old one only once it reads back.
+        with atomic_path(path, 0o644, move=module.atomic_move, suffix=".eif") as tmp_eif:
+            try:
+                cli.build_enclave(
+                    inputs["docker_uri"],
+                    tmp_eif,
+                    docker_dir=p["docker_dir"],
+                    name=p["name"],
+                    version=p["version"],
+                    metadata_file=metadata_file,
+                    signing_certificate=p["signing_certificate"],
+                    private_key=p["private_key"],
+                    timeout=p["timeout"],
+                )
+            except NitroCliError as exc:
+                module.fail_json(msg=f"build-enclave failed: {exc}", nitro_cli_error=exc.as_dict())
+            try:
+                image = read_eif(tmp_eif, file_digest=True)
+            except EifError as exc:
+                module.fail_json(msg=f"nitro-cli build-enclave produced an unreadable EIF: {exc}")
+            refuse_placeholder(module, image)
         image.path = path
         return image
     finally:
-        for leftover in (tmp_eif, metadata_file):
-            if leftover and os.path.exists(leftover):
-                os.unlink(leftover)
+        if metadata_file and os.path.exists(metadata_file):
+            os.unlink(metadata_file)
 
 
 def main() -> None:

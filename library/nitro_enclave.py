@@ -236,10 +236,11 @@ waited:
 import json
 import os
 import stat
-import tempfile
 from typing import Any
 
+from ansible.module_utils.atomic_file import write_atomic
 from ansible.module_utils.basic import AnsibleModule, env_fallback
+from ansible.module_utils.diff import diff_result
 from ansible.module_utils.eif import EifError, open_regular, read_eif
 from ansible.module_utils.eif_provenance import require_runnable_here
 from ansible.module_utils.enclave_pool import enclave_pool_problems, read_applied_pool
@@ -369,22 +370,14 @@ def configure(module: AnsibleModule) -> None:
     before = read_before(module, path)
     result: dict[str, Any] = {"changed": before != text, "config": json.loads(text), "path": path}
     if result["changed"] and module._diff:
-        result["diff"] = {"before": before or "", "after": text, "before_header": path, "after_header": path}
+        result["diff"] = diff_result(before, text, path)
     if result["changed"] and not module.check_mode:
         directory = os.path.dirname(path) or "."
         if not os.path.isdir(directory):
             module.fail_json(msg=f"config_path {path}: the directory {directory} does not exist")
         if params["backup"] and before is not None:
             result["backup_file"] = module.backup_local(path)
-        handle, tmp = tempfile.mkstemp(prefix=".nitro_enclave-", dir=directory)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(text)
-            os.chmod(tmp, 0o644)
-            module.atomic_move(tmp, path)
-        finally:
-            if os.path.exists(tmp):  # only when writing or moving failed
-                os.unlink(tmp)
+        write_atomic(path, text, 0o644, move=module.atomic_move)
     module.exit_json(**result)
 
 
@@ -501,7 +494,7 @@ def apply(module: AnsibleModule, cli: NitroCli, measurements: dict[str, str], re
     if module._diff and result["changed"]:
         before = summary(records[0]) if records else {}
         after = wanted(params, measurements) if state != "absent" else {}
-        result["diff"] = {"before": before, "after": after, "before_header": name, "after_header": name}
+        result["diff"] = diff_result(before, after, name)
     if module.check_mode:
         if records and not result["enclave"] and state != "absent":
             result["enclave"] = records[0]

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .diff import diff_result
+
 # States an instance can leave again; shutting-down/terminated instances are gone for our purposes.
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 RUNNING_STATES = ("pending", "running")
@@ -348,7 +350,7 @@ class EnclaveFleet:
             result.update(
                 instances=list(predicted.values()),
                 instance_ids=sorted(predicted),
-                diff={"before": diff_view(before), "after": diff_view(predicted, fleet_plan.launch)},
+                diff=diff_result(diff_view(before), diff_view(predicted, fleet_plan.launch)),
             )
             return result
 
@@ -362,7 +364,7 @@ class EnclaveFleet:
             instances=[final[iid] for iid in final_ids if iid in final],
             instance_ids=final_ids,
             launched_ids=launched,
-            diff={"before": diff_view(before), "after": diff_view(final)},
+            diff=diff_result(diff_view(before), diff_view(final)),
         )
         return result
 

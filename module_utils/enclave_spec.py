@@ -12,6 +12,8 @@ import math
 import re
 from typing import Any
 
+from .pcr import is_pcr_hex
+
 # The Nitro driver's smallest enclave (nitro-cli reports it as E29).
 MIN_MEMORY_MIB = 64
 
@@ -67,12 +69,11 @@ def unexpected_measurements(measurements: dict[str, str], expected: dict[str, st
 # The run configuration: nitro-cli's `run-enclave --config` JSON (it ignores unknown keys) plus the PCRs
 # the EIF must measure. Written by the nitro_enclave module (state=configured), applied by enclave-supervisor.
 RUN_CONFIG_PCRS = ("PCR0", "PCR1", "PCR2")
-_HEX_PCR = re.compile(r"[0-9A-Fa-f]{96}")
 
 
 def invalid_pcrs(values: dict[str, Any]) -> list[str]:
     """The keys whose value is not a SHA-384 in hex (96 characters)."""
-    return [key for key, value in values.items() if not (isinstance(value, str) and _HEX_PCR.fullmatch(value))]
+    return [key for key, value in values.items() if not is_pcr_hex(value)]
 
 
 # Realistic ceilings, so a typo (an extra digit, 2**63) is refused by name instead of reaching nitro-cli: the

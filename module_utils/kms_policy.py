@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .pcr import PCR_HEX_LEN, pcr_hex_problem
+
 ATTESTATION_PREFIX = "kms:RecipientAttestation:"
 ATTESTED_OPERATOR = "StringEqualsIgnoreCase"
 # The operations KMS accepts a Recipient (attestation document) for.
@@ -32,14 +34,12 @@ ALLOWED_ACTIONS = (
 )
 DEFAULT_ACTIONS = ("kms:Decrypt",)
 MAX_POLICY_BYTES = 32768
-PCR_HEX_LEN = 96
 # Option name -> condition key suffix. image_sha384 is PCR0 under another name (AWS docs).
 CONDITION_OPTIONS: dict[str, str] = {"image_sha384": "ImageSha384"} | {f"pcr{i}": f"PCR{i}" for i in range(9)}
 ADMIN_ACTION = "kms:PutKeyPolicy"
 POLICY_VERSION = "2012-10-17"
 
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
-_HEX = re.compile(r"^[0-9a-fA-F]+$")
 _SID = re.compile(r"^[A-Za-z0-9 _.:-]{1,128}$")
 _ATTESTATION_KEY = re.compile(r"^kms:recipientattestation:(imagesha384|pcr([0-9]|[12][0-9]|3[01]))$", re.I)
 
@@ -83,8 +83,8 @@ def normalize_pcr(value: Any, name: str, allow_debug: bool = False) -> str:
     if not isinstance(value, str):
         raise PolicyError(f"{name}: PCR value must be a string of {PCR_HEX_LEN} hex characters, got {value!r}")
     text = value.strip()
-    if len(text) != PCR_HEX_LEN or not _HEX.match(text):
-        problem = "non-hex characters" if text and not _HEX.match(text) else f"{len(text)} characters"
+    problem = pcr_hex_problem(text)
+    if problem:
         raise PolicyError(f"{name}: PCR value must be exactly {PCR_HEX_LEN} hex characters (SHA-384), got {problem}")
     text = text.lower()
     if set(text) == {"0"} and not allow_debug:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from enclave_tokenizer import protocol
 from nitro_module_utils.enclave_spec import MIN_MEMORY_MIB, eif_memory_mib
 
 from . import state
@@ -58,33 +59,23 @@ CID_IN_USE = "The provided enclave CID is already used by another enclave"  # em
 # --------------------------------------------------------------------------------------------- framing
 
 
+# nitro-cli's socket framing: a little-endian u64 length, then the JSON body.
+_HEADER = struct.Struct("<Q")
+
+
 def send_frame(sock: socket.socket, value: Any) -> None:
-    payload = json.dumps(value).encode("utf-8")
-    sock.sendall(struct.pack("<Q", len(payload)) + payload)
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return bytes(data)
+    sock.sendall(protocol.frame(json.dumps(value).encode("utf-8"), _HEADER))
 
 
 def recv_frame(sock: socket.socket) -> Any:
     """The next frame, or None at a clean end of stream. Raises ValueError on garbage."""
-    header = _recv_exact(sock, 8)
-    if header is None:
-        return None
-    (length,) = struct.unpack("<Q", header)
-    if length > MAX_FRAME:
-        raise ValueError(f"frame of {length} bytes is too large")
-    payload = _recv_exact(sock, length)
-    if payload is None:
-        raise ValueError("truncated frame")
-    return json.loads(payload)
+    try:
+        payload = protocol.recv_frame(sock, MAX_FRAME, _HEADER)
+    except protocol.ProtocolError as exc:
+        raise ValueError(f"frame too large: {exc.message}") from None
+    except EOFError:
+        raise ValueError("truncated frame") from None
+    return None if payload is None else json.loads(payload)
 
 
 class Channel:

@@ -20,8 +20,6 @@ import os
 import secrets
 import socket
 import stat
-import struct
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
+from enclave_tokenizer import protocol
+from nitro_module_utils.atomic_file import write_atomic
 
 __all__ = [
     "NsmDevice",
@@ -138,21 +138,6 @@ def _builder(
     )
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)  # set before any secret byte is written
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _ensure_root(home: Path | None) -> tuple[Path, Path]:
     """Create root-ca.pem/root-ca.key once; safe against concurrent processes and threads."""
     base = emulator_home(home)
@@ -169,8 +154,8 @@ def _ensure_root(home: Path | None) -> tuple[Path, Path]:
             raise RuntimeError(f"{pem} exists but {key} is missing; remove {pem} to create a new emulator root")
         cert_pem, key_pem = _new_root()
         # The key goes first: a visible root-ca.pem always has its key next to it.
-        _write_atomic(key, key_pem, 0o600)
-        _write_atomic(pem, cert_pem, 0o644)
+        write_atomic(key, key_pem, 0o600)
+        write_atomic(pem, cert_pem, 0o644)
     return pem, key
 
 
@@ -508,16 +493,6 @@ class NsmDevice:
         return {"GetRandom": {"random": os.urandom(RANDOM_LEN)}}
 
 
-def _recv_exact(conn: socket.socket, size: int) -> bytes | None:
-    chunks = bytearray()
-    while len(chunks) < size:
-        chunk = conn.recv(size - len(chunks))
-        if not chunk:
-            return None
-        chunks += chunk
-    return bytes(chunks)
-
-
 class NsmServer:
     """Serves an :class:`NsmDevice` on a UNIX socket; one thread per connection. Use :meth:`close`."""
 
@@ -575,19 +550,16 @@ class NsmServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             while True:
-                header = _recv_exact(conn, 4)
-                if header is None:
-                    return
-                (length,) = struct.unpack(">I", header)
-                if length > MAX_REQUEST:
+                try:
+                    request = protocol.recv_frame(conn, MAX_REQUEST)
+                except protocol.ProtocolError:
                     # The rest of an oversize frame is never read, so the stream cannot be resynced.
-                    conn.sendall(_frame(cbor2.dumps({"Error": "InputTooLarge"})))
+                    conn.sendall(protocol.frame(cbor2.dumps({"Error": "InputTooLarge"})))
                     return
-                request = _recv_exact(conn, length)
                 if request is None:
                     return
-                conn.sendall(_frame(self.device.handle(request)))
-        except OSError:
+                conn.sendall(protocol.frame(self.device.handle(request)))
+        except (OSError, EOFError):
             return
         finally:
             with self._conns_lock:
@@ -617,10 +589,6 @@ class NsmServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _frame(payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + payload
 
 
 def start_nsm_server(

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nitro_module_utils.atomic_file import write_atomic
 from nitro_module_utils.enclave_pool import EMULATOR_POOL_FILE
 
 DEFAULT_SOCKETS_DIR = "/run/nitro_enclaves"
@@ -186,9 +187,7 @@ class DriverTable:
 
     def save(self) -> None:
         data = {uid: asdict(slot) for uid, slot in sorted(self.slots.items())}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(data, indent=2) + "\n")
 
 
 def ensure_dir(path: Path, mode: int = 0o775) -> Path:
@@ -255,7 +254,4 @@ def read_json(path: Path) -> Any:
 
 def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
     ensure_dir(path.parent, 0o755)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n", mode)

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification
+from nitro_module_utils.pcr import is_pcr_hex
 
 __all__ = [
     "AWS_NITRO_ROOT_G1_SHA256",
@@ -480,7 +481,7 @@ def pcrs_from_measurements(measurements: Mapping[str, Any] | str | Path) -> dict
         match = re.fullmatch(r"PCR(\d{1,2})", str(key))
         if not match:
             continue  # HashAlgorithm and the like
-        if not isinstance(value, str) or not re.fullmatch(r"[0-9A-Fa-f]{96}", value):
+        if not is_pcr_hex(value):
             raise AttestationError("input", f"measurement {key} is not 96 hex characters")
         pcrs[int(match.group(1))] = value.lower()
     if 0 not in pcrs:

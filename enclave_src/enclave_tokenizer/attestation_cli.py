@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.utils import CryptographyDeprecationWarning
+from nitro_module_utils.pcr import is_pcr_hex
 
 from . import redaction
 from .attestation import (
@@ -41,8 +42,8 @@ class _UsageError(Exception):
 
 
 def _parse_pcr(spec: str) -> tuple[int, str]:
-    match = re.fullmatch(r"(?:PCR)?(\d{1,2})=([0-9A-Fa-f]{96})", spec.strip())
-    if not match or int(match.group(1)) > 31:
+    match = re.fullmatch(r"(?:PCR)?(\d{1,2})=(.*)", spec.strip())
+    if not match or int(match.group(1)) > 31 or not is_pcr_hex(match.group(2)):
         raise argparse.ArgumentTypeError(f"expected N=HEX with N in 0..31 and 96 hex characters, got {spec[:120]!r}")
     return int(match.group(1)), match.group(2).lower()
 
@@ -95,34 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_input(source: str) -> bytes:
+def _read_limited(source: str | Path, limit: int, what: str, hint: str = "") -> bytes:
+    """At most ``limit`` bytes of ``source`` ("-": stdin); a larger input is refused, never truncated."""
     try:
         if source == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT + 1)
+            data = sys.stdin.buffer.read(limit + 1)
         else:
             with open(source, "rb") as fh:
-                data = fh.read(MAX_INPUT + 1)
+                data = fh.read(limit + 1)
     except OSError as exc:
-        raise _UsageError(f"cannot read {source}: {exc.strerror}") from None
-    if len(data) > MAX_INPUT:
-        raise _UsageError(f"{source} is larger than {MAX_INPUT} bytes")
+        raise _UsageError(f"cannot read {what}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise _UsageError(f"{what} is larger than {limit} bytes{hint}")
     return data
+
+
+def _read_input(source: str) -> bytes:
+    return _read_limited(source, MAX_INPUT, source)
 
 
 def _read_roots(paths: Sequence[Path] | None) -> list[bytes] | None:
     if not paths:
         return None
-    roots = []
-    for path in paths:
-        try:
-            with open(path, "rb") as handle:
-                pem = handle.read(MAX_ROOT_LEN + 1)
-        except OSError as exc:
-            raise _UsageError(f"cannot read root {path}: {exc.strerror}") from None
-        if len(pem) > MAX_ROOT_LEN:
-            raise _UsageError(f"root {path} is larger than {MAX_ROOT_LEN} bytes: not a PEM certificate")
-        roots.append(pem)
-    return roots
+    return [_read_limited(path, MAX_ROOT_LEN, f"root {path}", ": not a PEM certificate") for path in paths]
 
 
 def _verify(args: argparse.Namespace) -> int:

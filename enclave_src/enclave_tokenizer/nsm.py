@@ -13,11 +13,12 @@ import errno
 import fcntl
 import os
 import socket
-import struct
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import cbor2
+
+from . import protocol
 
 __all__ = [
     "NSM_IOCTL_RAW",
@@ -94,28 +95,22 @@ def _ioctl_roundtrip(request: bytes, device: str | None = None) -> bytes:
     return resp_buf.raw[: raw.response.len]
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise NsmError("InvalidResponse", "NSM socket closed mid-response")
-        data += chunk
-    return bytes(data)
-
-
 def _socket_roundtrip(request: bytes, path: str) -> bytes:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(SOCKET_TIMEOUT)
             sock.connect(path)
-            sock.sendall(struct.pack(">I", len(request)) + request)
-            (length,) = struct.unpack(">I", _recv_exact(sock, 4))
-            if length > MAX_RESPONSE:
-                raise NsmError("InvalidResponse", f"NSM response of {length} bytes exceeds {MAX_RESPONSE}")
-            return _recv_exact(sock, length)
+            sock.sendall(protocol.frame(request))
+            response = protocol.recv_frame(sock, MAX_RESPONSE)
+    except protocol.ProtocolError as exc:
+        raise NsmError("InvalidResponse", f"NSM response: {exc.message}") from None
+    except EOFError:
+        raise NsmError("InvalidResponse", "NSM socket closed mid-response") from None
     except OSError as exc:
         raise NsmError("Unavailable", f"NSM socket {path}: {exc}") from None
+    if response is None:
+        raise NsmError("InvalidResponse", "NSM socket closed mid-response")
+    return response
 
 
 def _call(request: Any) -> Any:

@@ -5,6 +5,11 @@ Requests: ``{"v": 1, "id": <int|str>, "op": "<name>", ...}``.
 Responses: ``{"v": 1, "id": <same>, "ok": true, "result": {...}}`` or
 ``{"v": 1, "id": <same|null>, "ok": false, "error": {"code": "...", "message": "..."}}``.
 Responses carry the request id; clients may pipeline and must match by id (slow ops may overtake).
+
+The length-prefixed framing itself (``frame``, ``recv_exact``, ``recv_frame``) is the one copy for every
+stream of this project: the tokenizer protocol, the NSM socket (CBOR bodies, the enclave's nsm and the
+emulator's server) and the emulator's CLI socket (nitro-cli's little-endian 64-bit length). It lives here,
+in the enclave's own package, because the enclave needs it and its image carries only enclave code.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ MAX_REQUEST_BYTES = DEFAULT_MAX_FRAME - ENVELOPE_BYTES
 MAX_ID_LENGTH = 128
 
 _encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-_pack = HEADER.pack
 
 
 class ProtocolError(Exception):
@@ -38,9 +42,13 @@ class ProtocolError(Exception):
         self.fatal = fatal
 
 
+def frame(body: bytes, header: struct.Struct = HEADER) -> bytes:
+    """``body`` behind its length in ``header``'s format."""
+    return header.pack(len(body)) + body
+
+
 def encode_frame(message: dict[str, Any]) -> bytes:
-    body = _encoder.encode(message).encode("ascii")
-    return _pack(len(body)) + body
+    return frame(_encoder.encode(message).encode("ascii"))
 
 
 class _NonFinite(ValueError):
@@ -144,7 +152,7 @@ class FrameDecoder:
         return frames
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+def recv_exact(sock: socket.socket, size: int) -> bytes | None:
     """``size`` bytes from a blocking socket; None on EOF before the first byte, EOFError mid-way."""
     chunks = bytearray()
     while len(chunks) < size:
@@ -157,15 +165,16 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes | None:
     return bytes(chunks)
 
 
-def recv_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> bytes | None:
-    """One frame body from a blocking socket; None on a clean EOF between frames."""
-    header = recv_exactly(sock, HEADER_SIZE)
-    if header is None:
+def recv_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME, header: struct.Struct = HEADER) -> bytes | None:
+    """One frame body from a blocking socket; None on a clean EOF between frames, EOFError within one,
+    a fatal ProtocolError ``frame_too_large`` (its body left unread) for a length over ``max_frame``."""
+    prefix = recv_exact(sock, header.size)
+    if prefix is None:
         return None
-    (length,) = HEADER.unpack(header)
+    (length,) = header.unpack(prefix)
     if length > max_frame:
         raise ProtocolError("frame_too_large", f"frame of {length} bytes exceeds {max_frame}", True)
-    body = recv_exactly(sock, length)
+    body = recv_exact(sock, length)
     if body is None and length:
         raise EOFError("connection closed in the middle of a frame")
     return body or b""

@@ -21,12 +21,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nitro_module_utils.atomic_file import write_atomic
 from nitro_module_utils.enclave_spec import parse_run_config, render_run_config
 
 log = logging.getLogger("enclave-supervisor")
@@ -41,22 +41,6 @@ RELAUNCH_REASONS = ("stopped", "unresponsive", "config_changed", "other")
 def status_path_for(config_path: Path) -> Path:
     """Where the supervisor of ``config_path`` reports by default (the role's services need no option)."""
     return config_path.with_name(config_path.name + ".status")
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``path`` through a temporary file in its directory and a rename: readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def digest_of(data: bytes | None) -> str | None:
@@ -105,7 +89,7 @@ class LastGood:
                 shutil.copyfile(spec["eif_path"], tmp)
             os.replace(tmp, eif)
         text = render_run_config({**spec, "eif_path": str(eif)}, measurements)
-        write_atomic(self.path, text.encode())
+        write_atomic(self.path, text.encode(), dir_mode=0o777)
         for old in self.config_path.parent.glob(f"{self.config_path.name}.last-good.*.eif"):
             if old != eif:
                 old.unlink(missing_ok=True)
@@ -136,7 +120,9 @@ class StatusFile:
         if self.path is None or body == self._last:
             return
         try:
-            write_atomic(self.path, json.dumps({**body, "pid": os.getpid(), "updated": time.time()}).encode())
+            write_atomic(
+                self.path, json.dumps({**body, "pid": os.getpid(), "updated": time.time()}).encode(), dir_mode=0o777
+            )
         except OSError as exc:  # the report must never stop the supervision itself
             log.warning("cannot write the status file %s: %s", self.path, exc)
             return

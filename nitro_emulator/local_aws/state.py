@@ -18,10 +18,11 @@ import base64
 import datetime as dt
 import json
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+from nitro_module_utils.atomic_file import write_atomic
 
 DEFAULT_STATE_FILE = "/var/lib/nitro-local-aws/state.json"
 STATE_ENV = "NITRO_LOCAL_AWS_STATE"
@@ -150,17 +151,7 @@ def save() -> None:
         return
     with _lock:
         state = {"format": FORMAT, "kms_keys": _dump_keys(), "ssm_parameters": _dump_parameters()}
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=path.parent)  # mkstemp: mode 0600
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(state, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, json.dumps(state), 0o600, dir_mode=0o700)
 
 
 def _saving(original: Any) -> Any:
