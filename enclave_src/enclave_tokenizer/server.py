@@ -298,20 +298,7 @@ class TokenizerService:
             pan = normalize_pan(pan)
             self.stats.tokens += 1
             return {"token": make(pan), "last_four": pan[-4:], "key_check": tokenizer.key_check}
-        tokens: list[str | None] = []
-        last_four: list[str | None] = []
-        errors: list[dict[str, Any]] = []
-        add_token, add_last = tokens.append, last_four.append
-        for index, raw in enumerate(pans):
-            try:
-                pan = normalize_pan(raw)
-            except TokenError as exc:
-                add_token(None)
-                add_last(None)
-                errors.append({"index": index, "code": exc.code, "message": exc.message})
-                continue
-            add_token(make(pan))
-            add_last(pan[-4:])
+        tokens, last_four, errors = tokenizer.tokenize_many(pans, mode)
         self.stats.tokens += len(pans) - len(errors)
         return {"tokens": tokens, "last_four": last_four, "errors": errors, "key_check": tokenizer.key_check}
 
