@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha256
 from typing import Any
 
@@ -176,6 +176,8 @@ class Tokenizer:
     _fpe_mac: _Hmac256
     _siv: AESSIV
     key_check: str
+    # Kept so that the enclave's worker processes can share the key (enclave_tokenizer.workers).
+    _data_key: bytes = field(default=b"", compare=False)
 
     @classmethod
     def from_data_key(cls, data_key: bytes) -> Tokenizer:
@@ -188,6 +190,7 @@ class Tokenizer:
             _siv=AESSIV(_hkdf(data_key, INFO_SIV, 64)),
             # A key check value lets operators compare enclaves' keys without revealing them.
             key_check=kcv[:4].hex(),
+            _data_key=bytes(data_key),
         )
 
     def __repr__(self) -> str:
