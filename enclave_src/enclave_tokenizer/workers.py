@@ -220,9 +220,13 @@ class _Pool:
         await server.close()
 
 
-def serve(config: ServerConfig, count: int) -> int:
-    """Open the listener, run ``count`` workers on it until SIGTERM/SIGINT, replacing any that dies."""
-    pool = _Pool(worker_config(config, count), vsock.listen(config.port, config.cid), KeyShare(), count, os.pipe())
+def serve(config: ServerConfig, count: int, initial: _KeyState | None = None) -> int:
+    """Open the listener, run ``count`` workers on it until SIGTERM/SIGINT, replacing any that dies.
+    ``initial``: a key state to start with (benchmarks; the enclave starts with none)."""
+    share = KeyShare()
+    if initial is not None:
+        share.write(dump_key_state(initial))
+    pool = _Pool(worker_config(config, count), vsock.listen(config.port, config.cid), share, count, os.pipe())
     log.info("listening on %s with %d worker processes", vsock.describe(config.cid, config.port), count)
     workers: dict[int, int] = {}  # pid -> index
     stopping = False
