@@ -7,13 +7,15 @@ their per-connection order and every ServerConfig bound holds in each worker (th
 connection/slow-op caps are divided between the workers, so the enclave-wide totals stay those of the
 configuration). A parallel client (the gateway's connection pool) keeps every vCPU busy.
 
-The data key is the only state the workers share. It lives in an anonymous shared memory file (memfd,
-nothing on disk, gone with the enclave): a provision takes a process-wide lock (a POSIX record lock on
+The workers share the data key state. It lives in an anonymous shared memory file (memfd, nothing on
+disk, gone with the enclave): a provision takes a process-wide lock (a POSIX record lock on
 that file, released by the kernel if its holder dies), starts from the key state last written, and
 writes the outcome, success or refusal, before answering. Every request first compares the state's
 version (8 bytes of shared memory) with the one its worker loaded, so no request answered after a
-provision uses the key it replaced. The parent only forks, replaces a worker that died, and forwards
-SIGTERM/SIGINT; workers stop when the parent is gone.
+provision uses the key it replaced. Each worker also publishes its counters there: ``health`` reports
+the enclave's totals (connections, requests, tokens, dropped connections) and which worker answered.
+The parent only forks, replaces a worker that died, and forwards SIGTERM/SIGINT; workers stop when the
+parent is gone.
 """
 
 from __future__ import annotations
@@ -35,13 +37,28 @@ import time
 from typing import Any
 
 from . import vsock
-from .server import ServerConfig, TokenizerServer, TokenizerService, _KeyState
+from .server import ServerConfig, Stats, TokenizerServer, TokenizerService, _KeyState
 from .tokens import Tokenizer
 
 log = logging.getLogger("enclave_tokenizer.workers")
 
 _HEADER = struct.Struct("<QI")  # version (odd while a write is in progress), payload length
-_SHARE_BYTES = 1 << 16  # a key state is well under 2 KiB (two ciphertext blobs at most ~1 KiB each)
+_SHARE_BYTES = 1 << 16
+_STATS_OFFSET = 1 << 15  # key state below (well under 2 KiB: two ciphertext blobs of ~1 KiB at most)
+# Each worker's counters, in its slot after the key state: health reports the enclave's totals.
+_STATS = (
+    "connections",
+    "connections_total",
+    "rejected_busy",
+    "dropped_deadline",
+    "dropped_not_reading",
+    "dropped_input_budget",
+    "requests",
+    "errors",
+    "tokens",
+)
+_SLOT = struct.Struct(f"<{len(_STATS)}q")
+_STATS_PUBLISH_S = 0.25
 _RESPAWN_DELAY_S = 1.0
 
 
@@ -119,13 +136,21 @@ class KeyShare:
 
     def write(self, payload: bytes) -> int:
         """Publish a new state (the caller holds the lock); returns its version."""
-        if len(payload) > _SHARE_BYTES - _HEADER.size:
+        if len(payload) > _STATS_OFFSET - _HEADER.size:
             raise ValueError("key state too large for the shared region")
         version = self.version()
         _HEADER.pack_into(self.memory, 0, version + 1, 0)
         self.memory[_HEADER.size : _HEADER.size + len(payload)] = payload
         _HEADER.pack_into(self.memory, 0, version + 2, len(payload))
         return version + 2
+
+    def publish_stats(self, index: int, stats: Stats) -> None:
+        _SLOT.pack_into(self.memory, _STATS_OFFSET + index * _SLOT.size, *(getattr(stats, n) for n in _STATS))
+
+    def total_stats(self, count: int) -> dict[str, int]:
+        """The counters summed over the workers (each as last published: at most _STATS_PUBLISH_S old)."""
+        slots = [_SLOT.unpack_from(self.memory, _STATS_OFFSET + i * _SLOT.size) for i in range(count)]
+        return dict(zip(_STATS, map(sum, zip(*slots, strict=True)), strict=True))
 
     def lock(self) -> None:
         fcntl.lockf(self.fd, fcntl.LOCK_EX)  # blocks; call from a thread
@@ -159,8 +184,21 @@ class SharedKeyService(TokenizerService):
         return super().handle_fast(request_id, op, request)
 
     def op_health(self, request: dict[str, Any]) -> dict[str, Any]:
-        # connections/requests/tokens are this worker's: the connection's own counters.
-        return super().op_health(request) | {"worker": self.index, "workers": self.count}
+        self.share.publish_stats(self.index, self.stats)
+        totals = self.share.total_stats(self.count)
+        return super().op_health(request) | {
+            "connections": totals["connections"],
+            "requests": totals["requests"],
+            "tokens": totals["tokens"],
+            "dropped_connections": {
+                "deadline": totals["dropped_deadline"],
+                "not_reading": totals["dropped_not_reading"],
+                "input_budget": totals["dropped_input_budget"],
+                "busy": totals["rejected_busy"],
+            },
+            "worker": self.index,
+            "workers": self.count,
+        }
 
     async def op_provision(self, request: dict[str, Any]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -216,13 +254,18 @@ class _Pool:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await server.start()
-        await stop.wait()
+        while not stop.is_set():
+            self.share.publish_stats(index, service.stats)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _STATS_PUBLISH_S)
         await server.close()
 
 
 def serve(config: ServerConfig, count: int, initial: _KeyState | None = None) -> int:
     """Open the listener, run ``count`` workers on it until SIGTERM/SIGINT, replacing any that dies.
     ``initial``: a key state to start with (benchmarks; the enclave starts with none)."""
+    if count * _SLOT.size > _SHARE_BYTES - _STATS_OFFSET:
+        raise ValueError(f"at most {(_SHARE_BYTES - _STATS_OFFSET) // _SLOT.size} workers")
     share = KeyShare()
     if initial is not None:
         share.write(dump_key_state(initial))

@@ -45,19 +45,28 @@ SERVER = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**os.environ, vsock.ENV_DIR: str(tmp_path), vsock.ENV_CID: str(CID), "TOKENIZER_WORKERS": "2"}
+def _start(tmp_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, vsock.ENV_DIR: str(tmp_path), vsock.ENV_CID: str(CID), "TOKENIZER_WORKERS": "2", **env}
     os.environ[vsock.ENV_DIR] = str(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(PORT)], env=env)
     deadline = time.monotonic() + 20
     while not vsock.unix_path(CID, PORT).exists():
         assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
-    yield proc
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    proc = _start(tmp_path)
+    yield proc
+    _stop(proc)
 
 
 def _call(sock: Any, **request: Any) -> dict[str, Any]:
@@ -188,3 +197,28 @@ def test_key_state_round_trip_and_seqlock() -> None:
     assert loaded.previous.key_check == state.previous.key_check
     assert (loaded.blob, loaded.generation, loaded.last_error) == (state.blob, 2, state.last_error)
     assert repr(loaded.tokenizer) == f"Tokenizer(key_check={state.tokenizer.key_check})"
+
+
+def test_bounds_hold_per_worker_and_health_sums_the_workers(tmp_path: Path) -> None:
+    """TOKENIZER_MAX_CONNECTIONS=4 over 2 workers: each holds 2 at most, whichever gets more connections."""
+    proc = _start(tmp_path, TOKENIZER_MAX_CONNECTIONS="4")
+    try:
+        socks = []
+        busy = 0
+        for _ in range(10):
+            sock = vsock.connect(CID, PORT, timeout=5)
+            answer = _call(sock, op="health")
+            if answer["ok"]:
+                socks.append(sock)
+            else:
+                assert answer["error"]["code"] == "busy"
+                busy += 1
+                sock.close()
+        assert 2 <= len(socks) <= 4 and busy == 10 - len(socks)
+        time.sleep(0.6)  # every worker has published its counters since
+        health = _call(socks[0], op="health")["result"]
+        assert health["dropped_connections"]["busy"] == busy
+        assert health["connections"] == len(socks)
+        assert health["requests"] >= len(socks) + 1
+    finally:
+        _stop(proc)
