@@ -212,8 +212,9 @@ class _Runner(web.AppRunner):
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, monitor: bool = True) -> None:
         self.config = config
+        self._monitored = monitor  # one monitor per host: extra worker processes (gateway_workers) run none
         self.cid: int | None = config.enclave_cid
         self.client: AsyncClient = parent.async_client(config, self._current_cid)
         self.enclave: dict[str, Any] = {"state": None if config.enclave_name else "UNCHECKED"}
@@ -525,7 +526,8 @@ class Gateway:
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
-        self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
+        if self._monitored:
+            self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
 
     async def _on_cleanup(self, app: web.Application) -> None:
         if self._monitor is not None:
@@ -551,15 +553,19 @@ async def serve(
     ready: asyncio.Event | None = None,
     signals: bool = False,
     upgrade: UpgradeWatch | None = None,
+    worker: int = 0,
 ) -> bool:
     """Run until cancelled (tests) or, with ``signals``, until SIGTERM/SIGINT (service). With ``upgrade``,
-    also stop (after the in-flight requests) once the tools were upgraded: returns True then."""
-    runner = _Runner(Gateway(config).app(), access_log=None)
+    also stop (after the in-flight requests) once the tools were upgraded: returns True then. ``worker``:
+    this process's index among ``config.workers`` sharing the port (only worker 0 monitors the enclave)."""
+    runner = _Runner(Gateway(config, monitor=worker == 0).app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024)
+    reuse = config.workers > 1 or None  # several processes bind the port; the kernel spreads connections
+    site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024, reuse_port=reuse)
     await site.start()
     log.info("gateway listening on http://%s:%s", config.listen_host, config.listen_port)
-    _notify_systemd("READY=1")
+    if worker == 0:  # the service's main process
+        _notify_systemd("READY=1")
     if ready is not None:
         ready.set()
     stop = asyncio.Event()
@@ -597,7 +603,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.exit(2, f"enclave-tokenizer gateway: {exc}\n")
     redaction.setup(config.log_level)  # every record masked, aiohttp's and botocore's too
-    if asyncio.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp()))):
+    from . import gateway_workers
+
+    # Extra worker processes first (forked before any event loop exists); this process is worker 0.
+    children = gateway_workers.start(config.workers, lambda worker: serve(config, signals=True, worker=worker))
+    try:
+        upgraded = asyncio.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp())))
+    finally:
+        gateway_workers.stop(children)
+    if upgraded:
         reexec()
     return 0
 

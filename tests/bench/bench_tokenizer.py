@@ -270,36 +270,41 @@ def _fn_name(fn: tuple[str, int, str]) -> str:
 
 
 def _bench_gateway(env: dict[str, str], workdir: Path, direct_batch: float) -> dict[str, float]:
-    port = _free_port()
-    config = workdir / "gateway.yaml"
-    config.write_text(f"listen_port: {port}\nenclave_cid: {CID}\nenclave_port: {MULTI_PORT}\nlog_level: WARNING\n")
-    proc = subprocess.Popen([sys.executable, "-m", "enclave_tokenizer.gateway", "--config", str(config)], env=env)
     results: dict[str, float] = {}
-    try:
-        _wait_http(port)
-        url = f"http://127.0.0.1:{port}/v1/tokenize"
-        if shutil.which("wrk") is None:
-            print("gateway: wrk not installed (`apt-get install wrk`; make bench installs it): no gateway figures")
-            return results
-        print("gateway: aiohttp on loopback, keep-alive, wrk (C load generator, 1 thread) on the same 2 cores")
-        single = json.dumps({"pan": _pans(1)[0]}).encode()
-        _wrk(url, single, workdir, 64, 2)  # warm-up
-        rate, p99, errors = _wrk(url, single, workdir, 64, 8)
-        print(
-            f"  {'POST /v1/tokenize, one PAN, 64 conns':<50} {rate:>12,.0f} req/s     "
-            f"p99 {p99 * 1e3:7.2f} ms  errors {errors}"
+    if shutil.which("wrk") is None:
+        print("gateway: wrk not installed (`apt-get install wrk`; make bench installs it): no gateway figures")
+        return results
+    print("gateway: aiohttp on loopback, keep-alive, wrk (C load generator, 1 thread) on the same 2 cores")
+    single = json.dumps({"pan": _pans(1)[0]}).encode()
+    batch = json.dumps({"pans": _pans(1000)}).encode()
+    for workers in (1, 2):
+        port = _free_port()
+        config = workdir / "gateway.yaml"
+        config.write_text(
+            f"listen_port: {port}\nenclave_cid: {CID}\nenclave_port: {MULTI_PORT}\nworkers: {workers}\n"
+            "log_level: WARNING\n"
         )
-        results["gateway"], results["gateway_p99"] = rate, p99
-        batch = json.dumps({"pans": _pans(1000)}).encode()
-        rate, p99, errors = _wrk(url, batch, workdir, 4, 8)
-        print(
-            f"  {'POST /v1/tokenize, 1000 PANs, 4 conns':<50} {rate * 1000:>12,.0f} tokens/s  p99 {p99 * 1e3:7.2f} ms  "
-            f"errors {errors}  ({100 * rate * 1000 / direct_batch:.0f} % of the direct vsock batches)"
-        )
-        results["gateway_batch"] = rate * 1000
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        command = [sys.executable, "-m", "enclave_tokenizer.gateway", "--config", str(config)]
+        proc = subprocess.Popen(command, env=env)
+        try:
+            _wait_http(port)
+            url = f"http://127.0.0.1:{port}/v1/tokenize"
+            _wrk(url, single, workdir, 64, 2)  # warm-up
+            rate, p99, errors = _wrk(url, single, workdir, 64, 8)
+            name = f"{workers} gateway process{'es' if workers > 1 else ''}: one PAN, 64 conns"
+            print(f"  {name:<50} {rate:>12,.0f} req/s     p99 {p99 * 1e3:7.2f} ms  errors {errors}")
+            if rate > results.get("gateway", 0.0):
+                results["gateway"], results["gateway_p99"], results["gateway_workers"] = rate, p99, workers
+            rate, p99, errors = _wrk(url, batch, workdir, 4, 8)
+            name = f"{workers} gateway process{'es' if workers > 1 else ''}: 1000 PANs, 4 conns"
+            print(
+                f"  {name:<50} {rate * 1000:>12,.0f} tokens/s  p99 {p99 * 1e3:7.2f} ms  "
+                f"errors {errors}  ({100 * rate * 1000 / direct_batch:.0f} % of the direct vsock batches)"
+            )
+            results["gateway_batch"] = max(results.get("gateway_batch", 0.0), rate * 1000)
+        finally:
+            proc.terminate()
+            proc.wait(10)
     return results
 
 
@@ -376,7 +381,7 @@ def _summary(r: dict[str, float], workers: int) -> None:
     if "gateway" in r:
         rows += [
             (
-                "gateway, one PAN (req/s)",
+                f"gateway, one PAN (req/s, {r['gateway_workers']:.0f} processes)",
                 f"{r['gateway']:,.0f}, p99 {r['gateway_p99'] * 1e3:.2f} ms",
                 r["gateway"] / 25_000,
                 ">= 25k, p99 <= 5 ms",
