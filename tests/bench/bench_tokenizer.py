@@ -366,9 +366,9 @@ def _summary(r: dict[str, float], workers: int) -> None:
             "<= 0.5x",
         ),
         (
-            "batched, 1 worker vs the HMAC floor",
-            f"{r['batch_pipelined']:,.0f} vs {floor:,.0f}",
-            r["batch_pipelined"] / floor,
+            "batched, 1 worker (best row) vs the HMAC floor",
+            f"{best_one:,.0f} vs {floor:,.0f}",
+            best_one / floor,
             ">= 0.85x",
         ),
         (
