@@ -352,6 +352,7 @@ def _wait_http(port: int) -> None:
 
 def _summary(r: dict[str, float], workers: int) -> None:
     floor = r["floor"]
+    best_one = max(r["batch"], r["batch_pipelined"])
     rows = [
         (
             "single sequential vs the seed (tokens/s)",
