@@ -63,12 +63,28 @@ _MAX_BACKOFF = 60.0
 _HELD_CODES = ("enclave_unavailable", "not_provisioned")
 _HOLD_STEP_S = 0.1
 _UPGRADE_CHECK_S = 5.0
+_MAX_REENCODE_GROWTH = 8
 # A card-network test number (never a real card): what ?canary=1 tokenizes.
 CANARY_PAN = "4111111111111111"
 
 
 def _error(code: str, message: str, status: int | None = None) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status or _STATUS.get(code, 502))
+
+
+def _flat_and_small(fields: dict[str, Any], body_size: int | None) -> bool:
+    """Fields that are strings (or lists of strings) from a small body cannot encode past the enclave's frame
+    limit, nor too deeply: re-encoding a JSON string grows it at most 3x (a UTF-8 char as a \\u escape), so
+    the encoding pass that measures them is skipped (one JSON encode fewer per single-PAN request)."""
+    if body_size is None or body_size * _MAX_REENCODE_GROWTH + 256 > protocol.MAX_REQUEST_BYTES:
+        return False
+    for value in fields.values():
+        if type(value) is list:
+            if not all(type(item) is str for item in value):
+                return False
+        elif type(value) is not str:
+            return False
+    return True
 
 
 def health_reason(report: dict[str, Any]) -> str | None:
@@ -198,8 +214,9 @@ class _Runner(web.AppRunner):
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, monitor: bool = True) -> None:
         self.config = config
+        self._monitored = monitor  # one monitor per host: extra worker processes (gateway_workers) run none
         self.cid: int | None = config.enclave_cid
         self.client: AsyncClient = parent.async_client(config, self._current_cid)
         self.enclave: dict[str, Any] = {"state": None if config.enclave_name else "UNCHECKED"}
@@ -394,12 +411,12 @@ class Gateway:
             raise TokenizerError("bad_request", "request body must be a JSON object")
         return body
 
-    async def _forward(self, enclave_request: dict[str, Any], many: str) -> web.Response:
+    async def _forward(self, enclave_request: dict[str, Any], many: str, body_size: int | None = None) -> web.Response:
         items = enclave_request.get(many)
         if items is not None and isinstance(items, list) and len(items) > self.config.max_batch:
             return _error("batch_too_large", f"at most {self.config.max_batch} items per request")
         try:
-            size = protocol.encoded_size(enclave_request)
+            size = 0 if _flat_and_small(enclave_request, body_size) else protocol.encoded_size(enclave_request)
         except (ValueError, RecursionError):
             return _error("bad_request", "request fields cannot be sent to the enclave (nesting too deep)")
         if size > protocol.MAX_REQUEST_BYTES:  # the enclave would drop the connection: refuse it here
@@ -453,7 +470,7 @@ class Gateway:
             forward["pan"] = body["pan"]
         else:
             return _error("bad_request", "'pan' or 'pans' is required")
-        return await self._forward(forward, "pans")
+        return await self._forward(forward, "pans", request.content_length)
 
     async def handle_detokenize(self, request: web.Request) -> web.Response:
         try:
@@ -514,7 +531,8 @@ class Gateway:
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
-        self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
+        if self._monitored:
+            self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
 
     async def _on_cleanup(self, app: web.Application) -> None:
         if self._monitor is not None:
@@ -540,15 +558,19 @@ async def serve(
     ready: asyncio.Event | None = None,
     signals: bool = False,
     upgrade: UpgradeWatch | None = None,
+    worker: int = 0,
 ) -> bool:
     """Run until cancelled (tests) or, with ``signals``, until SIGTERM/SIGINT (service). With ``upgrade``,
-    also stop (after the in-flight requests) once the tools were upgraded: returns True then."""
-    runner = _Runner(Gateway(config).app(), access_log=None)
+    also stop (after the in-flight requests) once the tools were upgraded: returns True then. ``worker``:
+    this process's index among ``config.workers`` sharing the port (only worker 0 monitors the enclave)."""
+    runner = _Runner(Gateway(config, monitor=worker == 0).app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024)
+    reuse = config.workers > 1 or None  # several processes bind the port; the kernel spreads connections
+    site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024, reuse_port=reuse)
     await site.start()
     log.info("gateway listening on http://%s:%s", config.listen_host, config.listen_port)
-    _notify_systemd("READY=1")
+    if worker == 0:  # the service's main process
+        _notify_systemd("READY=1")
     if ready is not None:
         ready.set()
     stop = asyncio.Event()
@@ -586,7 +608,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.exit(2, f"enclave-tokenizer gateway: {exc}\n")
     redaction.setup(config.log_level)  # every record masked, aiohttp's and botocore's too
-    if asyncio.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp()))):
+    from . import gateway_workers
+
+    # Extra worker processes first (forked before any event loop exists); this process is worker 0.
+    children = gateway_workers.start(config.workers, lambda worker: serve(config, signals=True, worker=worker))
+    try:
+        upgraded = asyncio.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp())))
+    finally:
+        gateway_workers.stop(children)
+    if upgraded:
         reexec()
     return 0
 

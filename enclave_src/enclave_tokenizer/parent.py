@@ -36,6 +36,8 @@ class GatewayConfig:
     # HTTP listener for local apps.
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
+    # HTTP worker processes sharing the port (SO_REUSEPORT), each with its own enclave connection pool.
+    workers: int = 1
     # Which enclave: a fixed CID, or discovered by name through `nitro-cli describe-enclaves`.
     enclave_cid: int | None = None
     enclave_name: str | None = None
@@ -98,6 +100,8 @@ class GatewayConfig:
         for name, kind in (("listen_port", int), ("enclave_port", int), ("pool_size", int), ("kms_proxy_port", int)):
             if not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"{name} must be an integer")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 64:
+            raise ConfigError(f"workers must be an integer from 1 to 64, not {self.workers!r}")
         if self.enclave_cid is None and not self.enclave_name:
             raise ConfigError("set enclave_cid or enclave_name")
         if not isinstance(self.kms_encryption_context, dict):

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class ServerConfig:
     proxy_port: int = kms.DEFAULT_PROXY_PORT
     # Set in the image (TOKENIZER_KMS_KEY_ARN, measured into PCR2): the only KMS key a data key may come from.
     kms_key_arn: str = ""
+    # Worker processes sharing the listener (enclave_tokenizer.workers); 0: one per CPU this process may
+    # run on (the enclave's vCPUs; the emulator pins the enclave to its CPUs).
+    workers: int = 0
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ServerConfig:
@@ -298,20 +302,7 @@ class TokenizerService:
             pan = normalize_pan(pan)
             self.stats.tokens += 1
             return {"token": make(pan), "last_four": pan[-4:], "key_check": tokenizer.key_check}
-        tokens: list[str | None] = []
-        last_four: list[str | None] = []
-        errors: list[dict[str, Any]] = []
-        add_token, add_last = tokens.append, last_four.append
-        for index, raw in enumerate(pans):
-            try:
-                pan = normalize_pan(raw)
-            except TokenError as exc:
-                add_token(None)
-                add_last(None)
-                errors.append({"index": index, "code": exc.code, "message": exc.message})
-                continue
-            add_token(make(pan))
-            add_last(pan[-4:])
+        tokens, last_four, errors = tokenizer.tokenize_many(pans, mode)
         self.stats.tokens += len(pans) - len(errors)
         return {"tokens": tokens, "last_four": last_four, "errors": errors, "key_check": tokenizer.key_check}
 
@@ -813,9 +804,15 @@ class _Connection(asyncio.Protocol):
 
 
 class TokenizerServer:
-    def __init__(self, config: ServerConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        service: TokenizerService | None = None,
+        listen_sock: socket.socket | None = None,
+    ) -> None:
         self.config = config or ServerConfig()
-        self.service = TokenizerService(self.config)
+        self.service = service or TokenizerService(self.config)
+        self._listen_sock = listen_sock  # a worker serves the listener its parent opened
         self.connections: set[_Connection] = set()
         self.input_held = 0  # bytes of unfinished or not yet answered frames, all connections
         self.output_held = 0  # bytes of answers not yet taken by the kernel, all connections (upper bound)
@@ -824,7 +821,7 @@ class TokenizerServer:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        sock = vsock.listen(self.config.port, self.config.cid)
+        sock = self._listen_sock or vsock.listen(self.config.port, self.config.cid)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), sock=sock)
@@ -887,6 +884,11 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig.from_env(
         port=args.port, max_frame=args.max_frame, max_connections=args.max_connections, proxy_port=args.proxy_port
     )
+    from . import workers
+
+    count = workers.worker_count(config)
+    if count > 1:
+        return workers.serve(config, count)
     asyncio.run(TokenizerServer(config).serve_forever())
     return 0
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha256
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -47,8 +48,9 @@ OPAQUE_HEX_CHARS = 32  # 128 bits of HMAC output
 
 _SEPARATORS = str.maketrans("", "", " -")
 # Luhn: digits at even offsets from the right are summed, the others doubled (9 subtracted above 9).
-_PLAIN = {str(d): d for d in range(10)}
-_DOUBLED = {str(d): (2 * d if d < 5 else 2 * d - 9) for d in range(10)}
+# Done on bytes: the doubled digits are translated to the digit of their doubled value, then both halves
+# are summed in C (each ASCII digit counts 48 too, taken off once): ~2x cheaper than a per-digit lookup.
+_DOUBLED_DIGITS = bytes.maketrans(b"0123456789", bytes(48 + (2 * d if d < 5 else 2 * d - 9) for d in range(10)))
 
 
 class TokenError(ValueError):
@@ -66,7 +68,11 @@ def _invalid_pan(message: str) -> TokenError:
 
 def luhn_sum(digits: str) -> int:
     """Luhn sum mod 10 of an ASCII digit string (0 means valid)."""
-    return (sum(map(_PLAIN.__getitem__, digits[::-2])) + sum(map(_DOUBLED.__getitem__, digits[-2::-2]))) % 10
+    return _luhn_bytes(digits.encode("ascii"))
+
+
+def _luhn_bytes(raw: bytes) -> int:
+    return (sum(raw[::-2]) + sum(raw[-2::-2].translate(_DOUBLED_DIGITS)) - 48 * len(raw)) % 10
 
 
 def luhn_valid(digits: str) -> bool:
@@ -113,6 +119,42 @@ class _Hmac256:
         outer.update(inner.digest())
         return outer.digest()
 
+    def opaque_many(self, pans: list[Any]) -> tuple[list[str | None], list[str | None], list[dict[str, Any]]]:
+        """(tokens, last fours, errors) of raw batch items: Tokenizer.opaque of each normalized PAN, inlined.
+
+        The common item (a plain ASCII digit string passing Luhn) takes one pass of C calls with no
+        function call per token; anything else (separators, errors) goes through normalize_pan.
+        """
+        icopy, ocopy, double = self._inner.copy, self._outer.copy, _DOUBLED_DIGITS
+        tokens: list[str | None] = []
+        last_four: list[str | None] = []
+        errors: list[dict[str, Any]] = []
+        add_token, add_last = tokens.append, last_four.append
+        for index, raw in enumerate(pans):
+            if type(raw) is str and raw.isdigit() and raw.isascii() and MIN_DIGITS <= len(raw) <= MAX_DIGITS:
+                pan = raw
+                data = raw.encode("ascii")
+                if (sum(data[::-2]) + sum(data[-2::-2].translate(double)) - 48 * len(data)) % 10:
+                    pan = None
+            else:
+                pan = None
+            if pan is None:
+                try:
+                    pan = normalize_pan(raw)
+                except TokenError as exc:
+                    add_token(None)
+                    add_last(None)
+                    errors.append({"index": index, "code": exc.code, "message": exc.message})
+                    continue
+                data = pan.encode("ascii")
+            inner = icopy()
+            inner.update(data)
+            outer = ocopy()
+            outer.update(inner.digest())
+            add_token(outer.digest()[:16].hex())
+            add_last(pan[-4:])
+        return tokens, last_four, errors
+
 
 def _hkdf(data_key: bytes, info: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=HKDF_SALT, info=info).derive(data_key)
@@ -134,6 +176,8 @@ class Tokenizer:
     _fpe_mac: _Hmac256
     _siv: AESSIV
     key_check: str
+    # Kept so that the enclave's worker processes can share the key (enclave_tokenizer.workers).
+    _data_key: bytes = field(default=b"", compare=False)
 
     @classmethod
     def from_data_key(cls, data_key: bytes) -> Tokenizer:
@@ -146,6 +190,7 @@ class Tokenizer:
             _siv=AESSIV(_hkdf(data_key, INFO_SIV, 64)),
             # A key check value lets operators compare enclaves' keys without revealing them.
             key_check=kcv[:4].hex(),
+            _data_key=bytes(data_key),
         )
 
     def __repr__(self) -> str:
@@ -178,6 +223,30 @@ class Tokenizer:
         if mode == "reversible":
             return self.reversible(pan), pan[-KEEP_LAST:]
         raise TokenError("bad_request", f"mode must be one of {', '.join(MODES)}")
+
+    def tokenize_many(
+        self, pans: list[Any], mode: str = "opaque"
+    ) -> tuple[list[str | None], list[str | None], list[dict[str, Any]]]:
+        """(tokens, last fours, errors with the item's index) of raw batch items; None for a bad item."""
+        if mode == "opaque":
+            return self._opaque_mac.opaque_many(pans)
+        make = {"fpe": self.fpe, "reversible": self.reversible}.get(mode)
+        if make is None:
+            raise TokenError("bad_request", f"mode must be one of {', '.join(MODES)}")
+        tokens: list[str | None] = []
+        last_four: list[str | None] = []
+        errors: list[dict[str, Any]] = []
+        for index, raw in enumerate(pans):
+            try:
+                pan = normalize_pan(raw)
+            except TokenError as exc:
+                tokens.append(None)
+                last_four.append(None)
+                errors.append({"index": index, "code": exc.code, "message": exc.message})
+                continue
+            tokens.append(make(pan))
+            last_four.append(pan[-KEEP_LAST:])
+        return tokens, last_four, errors
 
     def detokenize(self, token: object) -> str:
         """PAN of a reversible token; any other input is ``invalid_token`` (never says why in detail)."""

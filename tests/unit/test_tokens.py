@@ -244,3 +244,56 @@ def test_fast_hmac_matches_stdlib() -> None:
         mac = tokens._Hmac256(key)
         for msg in (b"", b"4111111111111111", b"x" * 200):
             assert mac.digest(msg) == hmac.digest(key, msg, "sha256")
+
+
+def _luhn_reference(digits: str) -> int:
+    """The textbook Luhn sum (per digit, from the right), independent of tokens' byte-level version."""
+    total = 0
+    for offset, char in enumerate(reversed(digits)):
+        digit = int(char)
+        if offset % 2:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return total % 10
+
+
+@given(st.text(alphabet="0123456789", min_size=0, max_size=40))
+def test_luhn_sum_matches_reference(digits: str) -> None:
+    assert tokens.luhn_sum(digits) == _luhn_reference(digits)
+
+
+_BATCH_ITEM = st.one_of(
+    _pans(),
+    st.text(alphabet="0123456789 -", max_size=24),
+    st.text(max_size=20),
+    st.integers(),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=200)
+@given(st.lists(_BATCH_ITEM, max_size=12), st.sampled_from(tokens.MODES))
+def test_tokenize_many_matches_one_by_one(tk: Tokenizer, items: list[object], mode: str) -> None:
+    """The batch fast path gives byte-identical tokens and the same errors as normalize + tokenize per item."""
+    expected_tokens, expected_last, expected_errors = [], [], []
+    for index, raw in enumerate(items):
+        try:
+            pan = normalize_pan(raw)
+        except TokenError as exc:
+            expected_tokens.append(None)
+            expected_last.append(None)
+            expected_errors.append({"index": index, "code": exc.code, "message": exc.message})
+            continue
+        token, last = tk.tokenize(pan, mode)
+        expected_tokens.append(token)
+        expected_last.append(last)
+    assert tk.tokenize_many(items, mode) == (expected_tokens, expected_last, expected_errors)
+
+
+def test_tokenize_many_vectors(tk: Tokenizer) -> None:
+    pans = [v[0] for v in VECTORS]
+    assert tk.tokenize_many(pans)[0] == [v[1] for v in VECTORS]
+    assert tk.tokenize_many(pans, "fpe")[0] == [v[2] for v in VECTORS]
+    with pytest.raises(TokenError):
+        tk.tokenize_many(pans, "plain")
