@@ -19,10 +19,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.bench.bench_tokenizer import CID, OUR_SERVER, OURS_PORT, _free_port, _http_load, _pans, _start, _wait_http
+from tests.bench.bench_tokenizer import CID, OUR_SERVER, OURS_PORT, _free_port, _pans, _start, _wait_http, _wrk
 
 ROUNDS = 3
-REQUESTS = 10_000
 
 
 def _gateway(env: dict[str, str], workdir: Path, metrics: bool) -> tuple[subprocess.Popen[bytes], int]:
@@ -38,19 +37,14 @@ def _gateway(env: dict[str, str], workdir: Path, metrics: bool) -> tuple[subproc
 
 
 def _rate(port: int, workdir: Path) -> float:
-    """req/s of single-PAN tokenize requests: wrk (C) when installed, else the Python loop of bench_tokenizer."""
+    """req/s of single-PAN tokenize requests under wrk (C), as bench_tokenizer measures the gateway."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench_metrics: wrk is required (make bench installs it: apt-get install wrk)")
     url = f"http://127.0.0.1:{port}/v1/tokenize"
     body = json.dumps({"pan": _pans(1)[0]}).encode()
-    asyncio.run(_http_load(url, body, 500, 16))  # warm-up
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        elapsed, _lat, _errors = asyncio.run(_http_load(url, body, REQUESTS, 64))
-        return REQUESTS / elapsed
-    script = workdir / "post.lua"
-    script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body.decode())}\n'
-                      'wrk.headers["Content-Type"] = "application/json"\n')  # fmt: skip
-    out = subprocess.run([wrk, "-t1", "-c64", "-d4s", "-s", str(script), url], capture_output=True, text=True).stdout
-    return float(out.split("Requests/sec:")[1].split()[0])
+    _wrk(url, body, workdir, connections=16, seconds=1)  # warm-up
+    rate, _p99, _errors = _wrk(url, body, workdir, connections=64, seconds=4)
+    return rate
 
 
 def _middleware_cost(n: int = 50_000) -> float:
