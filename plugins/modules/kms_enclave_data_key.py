@@ -207,10 +207,10 @@ import tempfile
 with contextlib.suppress(ImportError):  # AnsibleAWSModule reports a missing botocore
     import botocore.exceptions
 
-from ansible.module_utils import data_key_record as records
 from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import data_key_record as records
 
 
 class DataKeyError(Exception):

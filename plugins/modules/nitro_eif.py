@@ -170,10 +170,13 @@ import tempfile
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.eif import EifError, metadata_describe, read_eif
-from ansible.module_utils.eif_provenance import is_placeholder, require_runnable_here
-from ansible.module_utils.enclave_spec import min_memory_mib
-from ansible.module_utils.nitro_cli import NitroCli, NitroCliError
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import EifError, metadata_describe, read_eif
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif_provenance import (
+    is_placeholder,
+    require_runnable_here,
+)
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_spec import min_memory_mib
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.nitro_cli import NitroCli, NitroCliError
 
 RECORD_SUFFIX = ".inputs.json"
 RECORD_FORMAT = 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import pkgutil
 import stat
 import sys
 import textwrap
@@ -69,7 +68,7 @@ def make_sysfs(
 
 
 def _fmt(cpus: list[int]) -> str:
-    from nitro_module_utils.allocator import format_cpu_list
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.allocator import format_cpu_list
 
     return format_cpu_list(cpus)
 
@@ -88,7 +87,7 @@ def write_script(path: Path, body: str) -> Path:
 # to $FAKE_NITRO_STATE.log so tests can assert what ran (e.g. nothing in check mode).
 FAKE_NITRO_CLI = r"""
 import json, os, sys
-from nitro_module_utils.eif import read_eif
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import read_eif
 
 state_path = os.environ["FAKE_NITRO_STATE"]
 argv = sys.argv[1:]
@@ -166,7 +165,7 @@ elif cmd == "terminate-enclave":
         save()
         print(json.dumps({"EnclaveName": match[0]["EnclaveName"], "EnclaveID": eid, "Terminated": True}, indent=2))
 elif cmd == "build-enclave":
-    from nitro_module_utils.eif import write_eif, make_metadata
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import write_eif, make_metadata
     uri = opt("--docker-uri")
     images = json.load(open(os.environ["FAKE_DOCKER_IMAGES"]))
     if opt("--docker-dir"):
@@ -249,7 +248,7 @@ class FakeHost:
 
 
 def make_eif(path: Path, payload: bytes = b"APP", size_pad: int = 0) -> dict[str, str]:
-    from nitro_module_utils.eif import make_metadata, write_eif
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import make_metadata, write_eif
 
     info = {
         "BuildTime": "1970-01-01T00:00:00+00:00",
@@ -272,13 +271,11 @@ def make_eif(path: Path, payload: bytes = b"APP", size_pad: int = 0) -> dict[str
 
 
 def load_module(name: str) -> Any:
-    """Import library/<name>.py with its `ansible.module_utils.X` imports served by nitro_module_utils."""
-    import nitro_module_utils
-
-    for info in pkgutil.iter_modules(nitro_module_utils.__path__):
-        module = importlib.import_module(f"nitro_module_utils.{info.name}")
-        sys.modules.setdefault(f"ansible.module_utils.{info.name}", module)
-    spec = importlib.util.spec_from_file_location(f"library_{name}", REPO / "library" / f"{name}.py")
+    """Import plugins/modules/<name>.py; its shared code comes from the project's package under the
+    collection's import name (the same files Ansible ships with the module)."""
+    spec = importlib.util.spec_from_file_location(
+        f"plugins_modules_{name}", REPO / "plugins" / "modules" / f"{name}.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

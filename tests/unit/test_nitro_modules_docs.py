@@ -61,7 +61,7 @@ def test_documentation_matches_argument_spec(name: str, monkeypatch: pytest.Monk
 def test_ansible_doc_renders(name: str) -> None:
     env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
     proc = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "ansible-doc"), "-M", "library", "--json", name],
+        [os.path.join(os.path.dirname(sys.executable), "ansible-doc"), "--json", f"nitro_enclaves.fleet.{name}"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -70,7 +70,7 @@ def test_ansible_doc_renders(name: str) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)[name]
+    doc = json.loads(proc.stdout)[f"nitro_enclaves.fleet.{name}"]
     assert doc["doc"]["module"] == name
     assert doc["examples"] and doc["return"]
     assert "[WARNING]" not in proc.stderr, proc.stderr
