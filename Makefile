@@ -12,7 +12,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export NITRO_ANSIBLE_ROOT := $(CURDIR)
 export NITRO_ANSIBLE_WHEELHOUSE := $(CURDIR)/$(WHEELHOUSE)
 
-.PHONY: help setup venv docker images prometheus wheelhouse site test test-fast test-unit test-integration test-molecule lint sanity bench chaos docs clean
+.PHONY: help setup venv docker images prometheus wheelhouse site collection changelog test test-fast test-unit test-integration test-molecule lint sanity bench chaos docs clean
 
 help:
 	@echo "make site   - set up if needed, then run site.yml on the default inventory (localhost, emulated)"
@@ -22,6 +22,7 @@ help:
 	@echo "make lint   - ansible-lint (production profile) and ruff"
 	@echo "make sanity - ansible-test sanity over the modules (in a collection tree)"
 	@echo "make setup  - only the set-up: .venv, Docker engine, base images, wheelhouse, prometheus"
+	@echo "make collection - build the collection tarball nitro_enclaves-fleet-<version>.tar.gz into dist/"
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "setup: $(PYTHON) is required (Debian: apt-get install python3)"; exit 1; }
@@ -51,28 +52,30 @@ $(WHEELHOUSE)/.deps: requirements.txt | $(BIN)/.installed
 	  -c requirements.txt cbor2 cryptography asn1crypto pyyaml aiohttp boto3 isal prometheus_client
 	@touch $@
 
-# The project wheel is rebuilt when its sources change, reproducibly (fixed timestamps), so hosts
-# see a changed file only when the code changed.
-PROJECT_SOURCES := pyproject.toml $(shell find module_utils nitro_emulator enclave_src/enclave_tokenizer -type f \
-  -not -path '*/__pycache__/*' 2>/dev/null)
-$(WHEELHOUSE)/.project: $(PROJECT_SOURCES) | $(BIN)/.installed
-	@mkdir -p $(WHEELHOUSE)
-	@rm -f $(WHEELHOUSE)/nitro_enclaves_ansible-*.whl
-	SOURCE_DATE_EPOCH=315532800 $(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(WHEELHOUSE) .
-	@rm -rf build
-	@touch $@
-
-wheelhouse: $(WHEELHOUSE)/.deps $(WHEELHOUSE)/.project
+# The project wheel: built by the same script the nitro_cli role runs (it rebuilds when the sources'
+# checksum changed, reproducibly, with fixed timestamps, so hosts see a changed file only when the code did).
+wheelhouse: $(WHEELHOUSE)/.deps
+	@sh roles/nitro_cli/files/build-wheelhouse.sh $(CURDIR) $(WHEELHOUSE) $(CURDIR)/$(BIN)/python >/dev/null
 
 setup: venv images wheelhouse prometheus
 
 site: setup
 	$(BIN)/ansible-playbook site.yml
 
+# The collection tarball (galaxy.yml's build_ignore keeps caches, the venv and the in-repo symlink out).
+collection: venv
+	@mkdir -p dist
+	$(BIN)/ansible-galaxy collection build --force --output-path dist .
+
+# CHANGELOG.rst from changelogs/fragments (antsibull-changelog); `make changelog VERSION=x.y.z` releases.
+changelog: venv
+	$(BIN)/antsibull-changelog $(if $(VERSION),release --version $(VERSION),generate)
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/ansible-lint --profile production
+	$(BIN)/antsibull-changelog lint
 
 # ansible-test sanity (the offline tests) over the modules, module_utils and doc fragments, as a collection.
 sanity: venv

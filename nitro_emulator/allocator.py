@@ -1,7 +1,7 @@
 """The emulated ``nitro-enclaves-allocator`` service: ``nitro-cli-emulator allocator apply|show``.
 
 ``apply`` does what the real service does on a Nitro host, minus the kernel: parse allocator.yaml with
-the real line parser's rules (shared with the nitro_allocator module: ``nitro_module_utils.allocator``),
+the real line parser's rules (shared with the nitro_allocator module: ``plugins/module_utils/allocator.py``),
 refuse while enclaves run (the real service cannot re-online CPUs then), validate the request against
 the host topology, pick the CPU pool the same way (``cpu_count`` → full cores of one NUMA node, CPU 0's
 core excluded) and record it in ``$NITRO_EMULATOR_HOME/allocator.json``: the emulator's equivalent of
@@ -19,7 +19,7 @@ import json
 import sys
 from typing import Any
 
-from nitro_module_utils.allocator import (
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.allocator import (
     AllocatorConfigError,
     HostTopology,
     format_cpu_list,

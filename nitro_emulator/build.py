@@ -1,7 +1,7 @@
 """`build-enclave`, `describe-eif` and `pcr` of the emulator (reference nitro-cli-and-eif.md §5.3, §5.4, §5.10).
 
 The EIF layout, ramdisk content and measurements are nitro-cli's; the EIF/PCR code is
-`nitro_module_utils.eif` (the same file the Ansible modules use). Differences from nitro-cli, all for
+`plugins/module_utils/eif.py` (the same file the Ansible modules use). Differences from nitro-cli, all for
 reproducibility (same Docker image content + same blobs => byte-identical EIF):
 
 - ramdisks are built by `eif.write_cpio` (sorted newc with linuxkit's header fields), not by linuxkit;
@@ -32,8 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nitro_module_utils import eif
-from nitro_module_utils.eif_provenance import blob_is_placeholder
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif_provenance import blob_is_placeholder
 
 from .errors import NitroCliError
 

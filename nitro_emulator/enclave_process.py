@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_spec import MIN_MEMORY_MIB, eif_memory_mib
 from enclave_tokenizer import protocol
-from nitro_module_utils.enclave_spec import MIN_MEMORY_MIB, eif_memory_mib
 
 from . import state
 from .errors import NitroCliError
@@ -242,7 +242,12 @@ class Enclave:
     # ---- launch
 
     def launch(self) -> None:
-        from nitro_module_utils.eif import EifError, metadata_describe, ramdisk_windows, read_eif
+        from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import (
+            EifError,
+            metadata_describe,
+            ramdisk_windows,
+            read_eif,
+        )
 
         request = self.request
         eif_path = os.path.abspath(request.eif_path)

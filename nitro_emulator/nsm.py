@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.atomic_file import write_atomic
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 from enclave_tokenizer import protocol
-from nitro_module_utils.atomic_file import write_atomic
 
 __all__ = [
     "NsmDevice",

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nitro_module_utils.atomic_file import write_atomic
-from nitro_module_utils.enclave_pool import EMULATOR_POOL_FILE
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.atomic_file import write_atomic
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_pool import EMULATOR_POOL_FILE
 
 DEFAULT_SOCKETS_DIR = "/run/nitro_enclaves"
 DEFAULT_VSOCK_DIR = "/run/nitro_enclaves/vsock"
@@ -65,7 +65,7 @@ def rootfs_cache_dir() -> Path:
 
 
 def allocator_state_path() -> Path:
-    # The nitro_enclave module reads the same record (nitro_module_utils.enclave_pool) to check an enclave fits.
+    # The nitro_enclave module reads the same record (plugins/module_utils/enclave_pool.py) to check an enclave fits.
     return emulator_home() / EMULATOR_POOL_FILE
 
 
@@ -103,7 +103,10 @@ def instance_role_arn() -> str | None:
 
 def host_pcrs() -> dict[int, bytes]:
     """What the parent instance contributes to every enclave's PCRs: PCR3 (role ARN), PCR4 (instance id)."""
-    from nitro_module_utils.eif import pcr3_from_role_arn, pcr4_from_instance_id
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import (
+        pcr3_from_role_arn,
+        pcr4_from_instance_id,
+    )
 
     pcrs = {4: bytes.fromhex(pcr4_from_instance_id(instance_id()))}
     role = instance_role_arn()

@@ -4,7 +4,7 @@
 # ansible-test only runs inside .../ansible_collections/<namespace>/<name>. Two layouts are handled:
 #  - the repository IS the collection (galaxy.yml or plugins/modules): it runs there, through a
 #    symlink at a collection path when the checkout is not at one (ANSIBLE_TEST_CONTENT_ROOT);
-#  - today's layout (library/, module_utils/): a throwaway collection tree is built under /tmp with
+#  - today's layout (plugins/modules/, plugins/module_utils/): a throwaway collection tree is built under /tmp with
 #    library -> plugins/modules, module_utils -> plugins/module_utils, plugins/doc_fragments as is,
 #    and the short import names rewritten to the collection's.
 # Dependencies (amazon.aws) are linked from the venv's ansible package into the same collection root,
@@ -49,7 +49,7 @@ build_tree() {  # $1: an empty or new directory
     # The ignore file (tests/sanity/ignore-<ansible version>.txt) names collection paths already.
     [[ -d $ROOT/tests/sanity ]] && mkdir -p "$coll/tests" && cp -r "$ROOT/tests/sanity" "$coll/tests/"
     find "$coll" -name __pycache__ -prune -exec rm -rf {} +
-    # One import name, as in the collection: ansible.module_utils.<ours> and nitro_module_utils.<x>.
+    # One import name, as in the collection: ansible.module_utils.<ours> and ansible_collections.nitro_enclaves.fleet.plugins.module_utils.<x>.
     local ours
     ours=$(cd "$ROOT/module_utils" && ls ./*.py | sed 's|^\./||; s|\.py$||' | grep -v '^__init__$' | paste -sd'|')
     sed -i -E \
@@ -86,7 +86,7 @@ trap 'rm -rf "$WORK"' EXIT
 COLL=$(build_tree "$WORK")
 cd "$COLL"
 export ANSIBLE_TEST_CONTENT_ROOT=$COLL PATH=$BIN:$PATH
-unset ANSIBLE_CONFIG  # the repository's ansible.cfg (library/, roles/) is not the collection's
+unset ANSIBLE_CONFIG  # the repository's ansible.cfg (plugins/modules/, roles/) is not the collection's
 # Targets: the plugins (the repository's other Python is not Ansible content). --local: this venv,
 # which requirements.txt gives everything the offline tests need.
 "$BIN/ansible-test" sanity --local --python 3.11 --color no "$@" plugins/

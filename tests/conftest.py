@@ -67,6 +67,39 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0, proc: subprocess.
     raise TimeoutError(f"nothing listened on {host}:{port} within {timeout} s")
 
 
+def start_systemd_host(name: str) -> None:
+    """A fleet host for a playbook: a systemd container from the local base image, on the host network
+    (its gateway and the controller's local KMS are on loopback). Replaces a leftover of the same name."""
+    subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+    subprocess.run(
+        ["docker", "run", "-d", "--name", name, "--hostname", name, "--network", "host", "--cap-add", "SYS_ADMIN",
+         "--tmpfs", "/run", "--tmpfs", "/run/lock", "--tmpfs", "/tmp:exec",
+         "-v", "/sys/fs/cgroup:/sys/fs/cgroup:ro", "-e", "container=docker", SYSTEMD_BASE_IMAGE, "/sbin/init"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+
+def one_host_inventory(
+    path: Path, host: str, kms_port: int, group_vars: dict | None = None, host_vars: dict | None = None
+) -> Path:
+    """An inventory of that container as the only enclave host, with the controller's local KMS on its own
+    port and its keys in a state file next to the inventory (never the machine's /var/lib: a later run
+    starts clean), and one enclave CPU as on our 2-vCPU machines."""
+    import yaml
+
+    base = {
+        "kms_enclave_policy_local_port": kms_port,
+        "kms_enclave_policy_local_state_file": str(path.parent / "local-aws-state.json"),
+        "nitro_allocator_cpu_count": 1,
+        "nitro_enclave_cpu_count": 1,
+    }
+    connection = {"ansible_connection": "community.docker.docker", "ansible_python_interpreter": "/usr/bin/python3"}
+    hosts = {host: {**connection, **(host_vars or {})}}
+    inventory = {"all": {"vars": {**base, **(group_vars or {})}, "children": {"enclave_hosts": {"hosts": hosts}}}}
+    path.write_text(yaml.safe_dump(inventory))
+    return path
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

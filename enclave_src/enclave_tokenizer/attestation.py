@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.pcr import is_pcr_hex
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -45,7 +46,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification
-from nitro_module_utils.pcr import is_pcr_hex
 
 __all__ = [
     "AWS_NITRO_ROOT_G1_SHA256",

@@ -18,8 +18,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.pcr import is_pcr_hex
 from cryptography.utils import CryptographyDeprecationWarning
-from nitro_module_utils.pcr import is_pcr_hex
 
 from . import redaction
 from .attestation import (

@@ -160,7 +160,7 @@ def read_ciphertext(path: str) -> bytes:
 def read_data_key(path: str) -> dict[str, Any]:
     """The fleet's data key record (JSON, what kms_enclave_data_key stores in SSM), or a legacy ciphertext
     file as a generation-0 record without context. Entries carry ``blob`` (raw ciphertext)."""
-    from nitro_module_utils import data_key_record
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import data_key_record
 
     raw = Path(path).read_bytes()
     if not data_key_record.looks_like_record(raw):

@@ -30,7 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from nitro_module_utils.data_key_record import RecordError, context_generation
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.data_key_record import (
+    RecordError,
+    context_generation,
+)
 
 from . import kms, protocol, redaction, vsock
 from .protocol import ProtocolError

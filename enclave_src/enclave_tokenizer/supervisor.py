@@ -16,7 +16,7 @@ The configuration is nitro-cli's `run-enclave --config` JSON, plus an optional `
 (PCR0/PCR1/PCR2 as the build host recorded them; nitro-cli ignores unknown keys). With it, the
 supervisor launches only an EIF that measures exactly so: until the EIF and the configuration agree
 (a rollout writes one, then the other), the running enclave is left alone. "Matches" is decided by the
-same comparison the nitro_enclave module uses (nitro_module_utils.enclave_spec).
+same comparison the nitro_enclave module uses (plugins/module_utils/enclave_spec.py).
 
 An upgrade of the tools (the nitro_cli role re-installs the venv and rewrites its install record) makes
 the supervisor re-execute itself between checks: the new code takes over and adopts the running enclave,
@@ -36,10 +36,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nitro_module_utils.eif import EifError, read_eif
-from nitro_module_utils.eif_provenance import require_runnable_here
-from nitro_module_utils.enclave_spec import differences, parse_run_config, unexpected_measurements
-from nitro_module_utils.nitro_cli import NitroCli, NitroCliError, launch_lock, vsock_connect
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import EifError, read_eif
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif_provenance import require_runnable_here
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_spec import (
+    differences,
+    parse_run_config,
+    unexpected_measurements,
+)
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.nitro_cli import (
+    NitroCli,
+    NitroCliError,
+    launch_lock,
+    vsock_connect,
+)
 
 from . import redaction
 from .process_watch import ProcessWatch

@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nitro_module_utils.atomic_file import write_atomic
-from nitro_module_utils.enclave_spec import parse_run_config, render_run_config
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.atomic_file import write_atomic
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_spec import (
+    parse_run_config,
+    render_run_config,
+)
 
 log = logging.getLogger("enclave-supervisor")
 

@@ -1,4 +1,4 @@
-"""vsock for the enclave app and the parent side: the transport of nitro_module_utils.vsock (one
+"""vsock for the enclave app and the parent side: the transport of plugins/module_utils/vsock.py (one
 implementation, also used by the Ansible modules and the emulator) plus its asyncio variants.
 """
 
@@ -9,7 +9,7 @@ import errno
 import socket
 from collections.abc import Awaitable, Callable
 
-from nitro_module_utils.vsock import (
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.vsock import (
     DEFAULT_BACKLOG,
     DEFAULT_VSOCK_DIR,
     ENV_CID,

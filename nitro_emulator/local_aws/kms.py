@@ -14,7 +14,7 @@ layer, `Decrypt`, `GenerateDataKey`, `GenerateDataKeyPair` and `GenerateRandom` 
 Every request is authorised as AWS does it (`_authorize_request`, before moto runs):
 - the caller is the principal its access key maps to (`identities.py`: instance role, key administrator,
   operator), with that principal's IAM permissions;
-- the key policy is evaluated with `nitro_module_utils.kms_policy.evaluate`: explicit Deny wins, any
+- the key policy is evaluated with `kms_policy.evaluate` (plugins/module_utils): explicit Deny wins, any
   matching Allow grants (attested or not), a statement naming the account root grants what the caller's
   IAM policies grant; `kms:RecipientAttestation:*` keys exist only when the request carries a verified
   `Recipient`, so an Allow conditioned on them never grants a request without one;
@@ -187,7 +187,7 @@ def _keys_for(self: KmsResponse, action: str) -> list[tuple[str, Any]]:
 
 
 def _request_context(self: KmsResponse, who: Any, attestation: Any) -> dict[str, Any]:
-    from nitro_module_utils import kms_policy
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import kms_policy
 
     context: dict[str, Any] = {
         "aws:PrincipalArn": who.principal,
@@ -217,7 +217,7 @@ def _denied(who: Any, action: str, resource: str, reason: str, attestation: Any)
 
 def _authorize_request(self: KmsResponse, action: str) -> None:
     """Key policy + IAM, as AWS evaluates them; raises AccessDeniedException or ValidationException."""
-    from nitro_module_utils import kms_policy
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import kms_policy
 
     who = _identity(self)
     attestation = _verify_recipient(self) if action in RECIPIENT_ACTIONS else None
@@ -245,7 +245,7 @@ def _authorize_request(self: KmsResponse, action: str) -> None:
 
 def _check_new_policy(self: KmsResponse, action: str) -> None:
     """PutKeyPolicy / CreateKey(Policy): the grammar AWS enforces and its lockout safety check."""
-    from nitro_module_utils import kms_policy, kms_policy_document
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import kms_policy, kms_policy_document
 
     text = self._get_param("Policy")
     if text is None or action not in ("PutKeyPolicy", "CreateKey"):

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from nitro_module_utils.atomic_file import write_atomic
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.atomic_file import write_atomic
 
 DEFAULT_STATE_FILE = "/var/lib/nitro-local-aws/state.json"
 STATE_ENV = "NITRO_LOCAL_AWS_STATE"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 class ModuleDocFragment:
-    # nitro_cli_path: resolved by module_utils/nitro_cli.py find_nitro_cli().
+    # nitro_cli_path: resolved by plugins/module_utils/nitro_cli.py find_nitro_cli().
     DOCUMENTATION = r"""
 options:
   nitro_cli_path:
@@ -16,7 +16,7 @@ options:
     type: path
 """
 
-    # sysfs_root: read by module_utils/allocator.py and enclave_pool.py, like the emulator's allocator.
+    # sysfs_root: read by plugins/module_utils/allocator.py and enclave_pool.py, like the emulator's allocator.
     SYSFS = r"""
 options:
   sysfs_root:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nitro_module_utils import eif
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif
 
 EIF_MIB = 512
 RUNS = 5
@@ -24,7 +24,7 @@ SHA384SUM = shutil.which("sha384sum")
 # Runs in a fresh interpreter so its peak RSS is the measurement's own, not this process's.
 CHILD = """
 import json, resource, sys, time
-from nitro_module_utils import eif
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif
 path, parallel = sys.argv[1], {"auto": None, "serial": False}[sys.argv[2]]
 start = time.perf_counter()
 image = eif.read_eif(path, parallel=parallel)

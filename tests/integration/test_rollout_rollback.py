@@ -16,14 +16,12 @@ from pathlib import Path
 
 import boto3
 import pytest
-import yaml
 
 from tests.bench.load import Load
-from tests.conftest import REPO_ROOT, VENV_BIN
+from tests.conftest import REPO_ROOT, VENV_BIN, one_host_inventory, start_systemd_host
 
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.slow]
 
-IMAGE = "nitro-ansible/systemd:bookworm"
 HOST = "nitro-safe-rollback-1"
 KMS_PORT = 44611
 GATEWAY = "127.0.0.1:19511"
@@ -40,29 +38,15 @@ def _playbook(inventory: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def fleet(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    subprocess.run(["docker", "rm", "-f", HOST], capture_output=True, check=False)
-    subprocess.run(
-        ["docker", "run", "-d", "--name", HOST, "--hostname", HOST, "--network", "host", "--cap-add", "SYS_ADMIN",
-         "--tmpfs", "/run", "--tmpfs", "/run/lock", "--tmpfs", "/tmp:exec",
-         "-v", "/sys/fs/cgroup:/sys/fs/cgroup:ro", "-e", "container=docker", IMAGE, "/sbin/init"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    start_systemd_host(HOST)
     work = tmp_path_factory.mktemp("rollback")
-    inventory = work / "hosts.yml"
-    host_vars = {"ansible_connection": "community.docker.docker", "ansible_python_interpreter": "/usr/bin/python3",
-                 "vsock_tokenizer_gateway_listen": GATEWAY}  # fmt: skip
     group_vars = {
-        "kms_enclave_policy_local_port": KMS_PORT,
-        # The local KMS's keys live with this test, not in the machine's /var/lib (a later run starts clean).
-        "kms_enclave_policy_local_state_file": str(work / "local-aws-state.json"),
-        "nitro_allocator_cpu_count": 1,
-        "nitro_enclave_cpu_count": 1,
         # The test checks that held requests are answered, not how fast the host boots.
         "vsock_tokenizer_hold_timeout": HOLD_S,
         "enclave_image_build_dir": str(REPO_ROOT / ".cache" / "enclave-build" / "rollback-test"),
     }
-    inventory.write_text(
-        yaml.safe_dump({"all": {"vars": group_vars, "children": {"enclave_hosts": {"hosts": {HOST: host_vars}}}}})
+    inventory = one_host_inventory(
+        work / "hosts.yml", HOST, KMS_PORT, group_vars, {"vsock_tokenizer_gateway_listen": GATEWAY}
     )
     try:
         site = _playbook(inventory, "site.yml")

@@ -8,7 +8,6 @@ import functools
 import importlib.util
 import json
 import os
-import pkgutil
 import shutil
 import stat
 import subprocess
@@ -74,7 +73,7 @@ def make_sysfs(
 
 
 def _fmt(cpus: list[int]) -> str:
-    from nitro_module_utils.allocator import format_cpu_list
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.allocator import format_cpu_list
 
     return format_cpu_list(cpus)
 
@@ -93,7 +92,7 @@ def write_script(path: Path, body: str) -> Path:
 # to $FAKE_NITRO_STATE.log so tests can assert what ran (e.g. nothing in check mode).
 FAKE_NITRO_CLI = r"""
 import json, os, sys
-from nitro_module_utils.eif import read_eif
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import read_eif
 
 state_path = os.environ["FAKE_NITRO_STATE"]
 argv = sys.argv[1:]
@@ -178,7 +177,7 @@ elif cmd == "describe-eif":
     print(json.dumps({"EifVersion": image.header.version, "Measurements": image.measurements,
                       "IsSigned": image.is_signed}, indent=2))
 elif cmd == "build-enclave":
-    from nitro_module_utils.eif import write_eif, make_metadata
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import write_eif, make_metadata
     uri = opt("--docker-uri")
     images = json.load(open(os.environ["FAKE_DOCKER_IMAGES"]))
     if opt("--docker-dir"):
@@ -261,7 +260,7 @@ class FakeHost:
 
 
 def make_eif(path: Path, payload: bytes = b"APP", size_pad: int = 0) -> dict[str, str]:
-    from nitro_module_utils.eif import make_metadata, write_eif
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import make_metadata, write_eif
 
     info = {
         "BuildTime": "1970-01-01T00:00:00+00:00",
@@ -284,13 +283,11 @@ def make_eif(path: Path, payload: bytes = b"APP", size_pad: int = 0) -> dict[str
 
 
 def load_module(name: str) -> Any:
-    """Import library/<name>.py with its `ansible.module_utils.X` imports served by nitro_module_utils."""
-    import nitro_module_utils
-
-    for info in pkgutil.iter_modules(nitro_module_utils.__path__):
-        module = importlib.import_module(f"nitro_module_utils.{info.name}")
-        sys.modules.setdefault(f"ansible.module_utils.{info.name}", module)
-    spec = importlib.util.spec_from_file_location(f"library_{name}", REPO / "library" / f"{name}.py")
+    """Import plugins/modules/<name>.py; its shared code comes from the project's package under the
+    collection's import name (the same files Ansible ships with the module)."""
+    spec = importlib.util.spec_from_file_location(
+        f"plugins_modules_{name}", REPO / "plugins" / "modules" / f"{name}.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -317,7 +314,9 @@ def collection_tree() -> Path:
 def ansible_doc(name: str) -> tuple[dict[str, Any], str]:
     """`ansible-doc --json nitro_enclaves.fleet.<name>` rendered from the collection tree: (doc, stderr)."""
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collection_tree()))
-    env.pop("ANSIBLE_CONFIG", None)  # the repository's (library = library/) would shadow the collection's module
+    env.pop(
+        "ANSIBLE_CONFIG", None
+    )  # the repository's (library = plugins/modules/) would shadow the collection's module
     proc = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "ansible-doc"), "--json", f"nitro_enclaves.fleet.{name}"],
         cwd=collection_tree(),

@@ -1,4 +1,4 @@
-"""module_utils/allocator.py: the real service's line parser, rendering, cpu-lists, sysfs topology and
+"""plugins/module_utils/allocator.py: the real service's line parser, rendering, cpu-lists, sysfs topology and
 the host validation rules (each failure names its rule)."""
 
 from __future__ import annotations
@@ -6,10 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from nitro_fakes import make_sysfs
-from nitro_module_utils.allocator import (
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.allocator import (
     AllocatorConfig,
     AllocatorConfigError,
     CpuListError,
@@ -22,6 +19,9 @@ from nitro_module_utils.allocator import (
     render_allocator_yaml,
     validate,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+from nitro_fakes import make_sysfs
 
 # What the RPM ships as /etc/nitro_enclaves/allocator.yaml (reference §7), comments included.
 SHIPPED = """---

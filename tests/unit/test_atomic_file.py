@@ -1,4 +1,4 @@
-"""The one atomic writer (nitro_module_utils.atomic_file): content, modes, and the old file kept on failure."""
+"""The one atomic writer (plugins/module_utils/atomic_file.py): content, modes, and the old file kept on failure."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from nitro_module_utils.atomic_file import atomic_path, write_atomic
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.atomic_file import atomic_path, write_atomic
 
 
 def _mode(path: Path) -> int:

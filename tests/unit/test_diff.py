@@ -1,8 +1,8 @@
-"""The one --diff result builder (nitro_module_utils.diff)."""
+"""The one --diff result builder (ansible_collections.nitro_enclaves.fleet.plugins.module_utils.diff)."""
 
 from __future__ import annotations
 
-from nitro_module_utils.diff import diff_result
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.diff import diff_result
 
 
 def test_headed_text_diff_of_a_new_file() -> None:

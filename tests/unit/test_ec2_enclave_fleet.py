@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.ec2_enclave import EnclaveFleet, EnclaveInstanceError
 from botocore.exceptions import ClientError, WaiterError
-from nitro_module_utils.ec2_enclave import EnclaveFleet, EnclaveInstanceError
 
 
 def client_error(code: str, message: str) -> ClientError:

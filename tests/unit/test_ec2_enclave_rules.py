@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from moto.ec2.models.instance_types import INSTANCE_TYPES
-from nitro_module_utils.ec2_enclave import (
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.ec2_enclave import (
     RULE_METAL,
     RULE_SUPPORT,
     EnclaveInstanceError,
@@ -25,6 +24,7 @@ from nitro_module_utils.ec2_enclave import (
     summarize,
     validate_params,
 )
+from moto.ec2.models.instance_types import INSTANCE_TYPES
 
 # Real DescribeInstanceTypes entries (moto ships AWS's table): one per rule outcome.
 OK_TYPES = ["m5.xlarge", "c5.2xlarge", "m6i.xlarge", "c6g.xlarge"]
@@ -214,7 +214,7 @@ def test_module_documentation_renders_with_every_option() -> None:
     """ansible-doc must render DOCUMENTATION/EXAMPLES/RETURN (amazon.aws fragments resolved)."""
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-doc"), "-M", "library", "--json", "ec2_enclave_instance"],
+        [str(Path(sys.executable).parent / "ansible-doc"), "--json", "nitro_enclaves.fleet.ec2_enclave_instance"],
         cwd=root,
         env={**os.environ, "ANSIBLE_CONFIG": str(root / "ansible.cfg")},
         capture_output=True,
@@ -222,7 +222,7 @@ def test_module_documentation_renders_with_every_option() -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)["ec2_enclave_instance"]
+    doc = json.loads(proc.stdout)["nitro_enclaves.fleet.ec2_enclave_instance"]
     options = set(doc["doc"]["options"])
     own = {
         "name", "exact_count", "instance_ids", "image_id", "instance_type", "subnet_id", "security_group_ids",

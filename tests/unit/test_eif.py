@@ -1,4 +1,4 @@
-"""module_utils/eif.py: reference vectors, every parser edge, write→read properties, cpio ramdisks."""
+"""plugins/module_utils/eif.py: reference vectors, every parser edge, write→read properties, cpio ramdisks."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import zlib
 from pathlib import Path
 
 import pytest
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nitro_module_utils import eif
 
 # Reference nitro-cli-and-eif.md §1.10 worked example.
 EXAMPLE_META = (
@@ -423,7 +423,8 @@ def test_fifo_without_writer_is_refused_at_once(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     # No writer: a plain open() would block forever. In a child process, so a regression fails, not hangs.
     code = (
-        f"from nitro_module_utils import eif\ntry:\n    eif.read_eif({str(fifo)!r})\n"
+        "from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif\n"
+        f"try:\n    eif.read_eif({str(fifo)!r})\n"
         "except eif.EifError as e:\n    print(e)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)

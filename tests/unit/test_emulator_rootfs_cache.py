@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from nitro_module_utils import eif
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif
 
 from nitro_emulator import isolation
 

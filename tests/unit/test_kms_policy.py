@@ -7,10 +7,10 @@ import hashlib
 import json
 
 import pytest
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import kms_policy as kp
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.kms_policy import PolicyError
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nitro_module_utils import kms_policy as kp
-from nitro_module_utils.kms_policy import PolicyError
 
 ACCOUNT = "123456789012"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/enclave-parent"
@@ -619,14 +619,14 @@ ANY = '{"Statement": [{"Effect": "Allow", "Principal": "*", "Action": "kms:*", "
     ],
 )
 def test_key_policy_grammar(document, reason) -> None:
-    from nitro_module_utils import kms_policy_document
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import kms_policy_document
 
     with pytest.raises(PolicyError, match=reason):
         kms_policy_document.parse_key_policy(document)
 
 
 def test_key_policy_grammar_accepts_what_the_project_writes() -> None:
-    from nitro_module_utils import kms_policy_document
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import kms_policy_document
 
     policy = attested_policy(OLD, NEW)
     assert kms_policy_document.parse_key_policy(kp.dump_policy(policy)) == policy

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-import sys
 from typing import Any
 
-import nitro_module_utils.data_key_record
-import nitro_module_utils.kms_policy
 import pytest
 import yaml
 
@@ -23,10 +20,9 @@ class Captured(Exception):
 
 def argument_spec(name: str) -> dict[str, Any]:
     """Run the module's main() up to AnsibleAWSModule(...) and capture the spec it passes."""
-    # Inside Ansible the module imports module_utils as ansible.module_utils.<name>.
-    sys.modules.setdefault("ansible.module_utils.kms_policy", nitro_module_utils.kms_policy)
-    sys.modules.setdefault("ansible.module_utils.data_key_record", nitro_module_utils.data_key_record)
-    spec = importlib.util.spec_from_file_location(f"_library_{name}", REPO_ROOT / "library" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"_plugins_modules_{name}", REPO_ROOT / "plugins" / "modules" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
@@ -80,7 +76,7 @@ def test_compare_catches_drift() -> None:
 @pytest.mark.parametrize("name", MODULES)
 def test_ansible_doc_renders(name) -> None:
     proc = subprocess.run(
-        [str(VENV_BIN / "ansible-doc"), "-M", "library", name],
+        [str(VENV_BIN / "ansible-doc"), f"nitro_enclaves.fleet.{name}"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -18,11 +18,7 @@ from typing import Any
 
 import fuzz_counts
 import pytest
-from enclave_tokenizer.attestation import AttestationError, pcrs_from_measurements
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from nitro_fakes import load_module, make_eif, make_sysfs, run_module
-from nitro_module_utils.allocator import (
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.allocator import (
     AllocatorConfig,
     AllocatorConfigError,
     CpuListError,
@@ -33,8 +29,11 @@ from nitro_module_utils.allocator import (
     read_config_text,
     validate,
 )
-from nitro_module_utils.enclave_pool import EnclavePool, enclave_pool_problems
-from nitro_module_utils.enclave_spec import (
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_pool import (
+    EnclavePool,
+    enclave_pool_problems,
+)
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_spec import (
     MAX_CID,
     MAX_MEMORY_MIB,
     MAX_TIMEOUT,
@@ -46,7 +45,15 @@ from nitro_module_utils.enclave_spec import (
     argument_problem,
     expected_measurements,
 )
-from nitro_module_utils.kms_policy import PolicyError, StatementSpec, parse_statement_spec
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.kms_policy import (
+    PolicyError,
+    StatementSpec,
+    parse_statement_spec,
+)
+from enclave_tokenizer.attestation import AttestationError, pcrs_from_measurements
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nitro_fakes import load_module, make_eif, make_sysfs, run_module
 
 # A slow example is a failure (unbounded work), but the 2 shared cores make a tight deadline flaky.
 FAST = settings(deadline=dt.timedelta(seconds=5), suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -86,7 +93,7 @@ def _clean_message(message: Any, *names: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# nitro_enclave's rules (module_utils/enclave_spec.py)
+# nitro_enclave's rules (plugins/module_utils/enclave_spec.py)
 
 
 @st.composite
@@ -138,7 +145,7 @@ def test_enclave_argument_rules(params: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# nitro_allocator's rules (module_utils/allocator.py)
+# nitro_allocator's rules (plugins/module_utils/allocator.py)
 
 TOPOLOGY = HostTopology(
     online=list(range(8)),
@@ -210,7 +217,7 @@ def test_allocator_yaml_bytes_decode_or_name_the_file(tmp_path: Path, data: byte
 
 
 # ---------------------------------------------------------------------------------------------
-# the pool check (module_utils/enclave_pool.py), with hostile describe-enclaves records
+# the pool check (plugins/module_utils/enclave_pool.py), with hostile describe-enclaves records
 
 RECORD = st.dictionaries(
     st.sampled_from(["EnclaveName", "EnclaveID", "EnclaveCID", "CPUIDs", "MemoryMiB", "State"]),

@@ -1,4 +1,4 @@
-"""module_utils/nitro_cli.py against fake nitro-cli executables: JSON, `[ Exx ]` errors, timeouts,
+"""plugins/module_utils/nitro_cli.py against fake nitro-cli executables: JSON, `[ Exx ]` errors, timeouts,
 binary lookup, the launch lock and the vsock wait."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from nitro_fakes import write_script
-from nitro_module_utils import nitro_cli
-from nitro_module_utils.nitro_cli import (
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import nitro_cli
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.nitro_cli import (
     NitroCli,
     NitroCliError,
     NitroCliNotFound,
@@ -23,6 +22,7 @@ from nitro_module_utils.nitro_cli import (
     parse_error,
     wait_for_vsock,
 )
+from nitro_fakes import write_script
 
 URL = "https://docs.aws.amazon.com/enclaves/latest/user/cli-errors.html"
 

@@ -1,4 +1,4 @@
-"""library/nitro_allocator.py under patch_module_args: argument rules, host validation on fake sysfs,
+"""plugins/modules/nitro_allocator.py under patch_module_args: argument rules, host validation on fake sysfs,
 atomic write + backup, check/diff mode, restart via command or systemctl, refusal with running enclaves."""
 
 from __future__ import annotations
@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.allocator import (
+    AllocatorConfig,
+    parse_allocator_yaml,
+)
 from nitro_fakes import FakeHost, load_module, make_sysfs, run_module, write_script
-from nitro_module_utils.allocator import AllocatorConfig, parse_allocator_yaml
 
 MODULE = load_module("nitro_allocator")
 
@@ -17,7 +20,8 @@ MODULE = load_module("nitro_allocator")
 # it; `show` prints what the emulator's `allocator show` prints (the keys the module reads).
 FAKE_ALLOCATOR = r"""
 import json, os, sys
-from nitro_module_utils.allocator import parse_allocator_yaml, AllocatorConfigError
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.allocator import (
+    AllocatorConfigError, parse_allocator_yaml)
 state = os.environ["FAKE_ALLOCATOR_STATE"]
 with open(state + ".log", "a") as log:
     log.write(" ".join(sys.argv[1:]) + "\n")

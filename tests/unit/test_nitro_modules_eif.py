@@ -1,4 +1,4 @@
-"""library/nitro_eif.py under patch_module_args with a fake nitro-cli build-enclave and a fake docker:
+"""plugins/modules/nitro_eif.py under patch_module_args with a fake nitro-cli build-enclave and a fake docker:
 rebuild only on input changes, measurements artifact, check/diff mode, described without nitro-cli."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import read_eif
 from nitro_fakes import FakeHost, load_module, make_eif, run_module
-from nitro_module_utils.eif import read_eif
 
 MODULE = load_module("nitro_eif")
 

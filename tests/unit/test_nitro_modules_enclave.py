@@ -1,4 +1,4 @@
-"""library/nitro_enclave.py under ansible-core's patch_module_args harness, against a fake stateful
+"""plugins/modules/nitro_enclave.py under ansible-core's patch_module_args harness, against a fake stateful
 nitro-cli: argument rules, idempotence on measurements/resources, check mode, diff, errors, lock, wait."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.nitro_cli import launch_lock
 from nitro_fakes import FakeHost, load_module, make_eif, run_module
-from nitro_module_utils.nitro_cli import launch_lock
 
 MODULE = load_module("nitro_enclave")
 
@@ -303,7 +303,7 @@ def test_duplicate_names_keep_one(capsys: pytest.CaptureFixture[str], host: Fake
 
 
 def pcrs(eif: Path) -> dict[str, str]:
-    from nitro_module_utils.eif import read_eif
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import read_eif
 
     return read_eif(eif).measurements
 

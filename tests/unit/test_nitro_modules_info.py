@@ -1,4 +1,4 @@
-"""library/nitro_enclave_info.py under patch_module_args against the fake nitro-cli and a fake sysfs:
+"""plugins/modules/nitro_enclave_info.py under patch_module_args against the fake nitro-cli and a fake sysfs:
 what it reports, that it never changes anything (check mode included), and its failures."""
 
 from __future__ import annotations

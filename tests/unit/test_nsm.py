@@ -392,7 +392,10 @@ def test_missing_device_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_host_pcrs_follow_the_role_and_instance(monkeypatch) -> None:
-    from nitro_module_utils.eif import pcr3_from_role_arn, pcr4_from_instance_id
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import (
+        pcr3_from_role_arn,
+        pcr4_from_instance_id,
+    )
 
     from nitro_emulator import state
 

@@ -1,14 +1,14 @@
-"""The shared PCR value check (nitro_module_utils.pcr) and that each of its users refuses the same values."""
+"""The shared PCR value check (plugins/module_utils/pcr.py) and that each of its users refuses the same values."""
 
 from __future__ import annotations
 
 import argparse
 
 import pytest
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import enclave_spec, kms_policy
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.pcr import PCR_HEX_LEN, is_pcr_hex, pcr_hex_problem
 from enclave_tokenizer import attestation_cli
 from enclave_tokenizer.attestation import AttestationError, pcrs_from_measurements
-from nitro_module_utils import enclave_spec, kms_policy
-from nitro_module_utils.pcr import PCR_HEX_LEN, is_pcr_hex, pcr_hex_problem
 
 GOOD = "ab" * 48
 BAD = {

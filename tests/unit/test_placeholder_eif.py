@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nitro_fakes import FakeHost, load_module, run_module
-from nitro_module_utils import eif
-from nitro_module_utils.eif_provenance import (
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif_provenance import (
     PlaceholderEifError,
     is_placeholder,
     metadata_says_placeholder,
     require_runnable_here,
 )
+from nitro_fakes import FakeHost, load_module, run_module
 
 from nitro_emulator import build
 

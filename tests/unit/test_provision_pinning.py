@@ -17,6 +17,7 @@ from typing import Any
 
 import cbor2
 import pytest
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.data_key_record import GENERATION_CONTEXT_KEY
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,7 +27,6 @@ from enclave_tokenizer import vsock
 from enclave_tokenizer.client import Client, TokenizerError
 from enclave_tokenizer.cms import build_enveloped_data
 from enclave_tokenizer.tokens import Tokenizer
-from nitro_module_utils.data_key_record import GENERATION_CONTEXT_KEY
 from test_client_gateway import (  # the same real processes as the gateway tests
     PAN,
     PCRS,
@@ -277,7 +277,7 @@ def test_region_and_credentials_are_checked_strictly(enclave: Client, region: An
 
 def _record(key_arn: str, *entries: dict[str, Any]) -> str:
     """The fleet's data key record (as kms_enclave_data_key stores it) from provision requests."""
-    from nitro_module_utils import data_key_record
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import data_key_record
 
     def entry(request: dict[str, Any]) -> dict[str, Any]:
         blob = base64.b64decode(request["ciphertext_blob"])

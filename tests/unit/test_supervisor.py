@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.nitro_cli import NitroCli
 from enclave_tokenizer import supervisor as supervisor_module
 from enclave_tokenizer import upgrade
 from enclave_tokenizer.supervisor import (
@@ -29,7 +30,6 @@ from enclave_tokenizer.supervisor import (
 from enclave_tokenizer.supervisor_state import StatusFile, read_status, status_path_for, wait_settled
 from enclave_tokenizer.upgrade import UpgradeWatch
 from nitro_fakes import FakeHost, make_eif
-from nitro_module_utils.nitro_cli import NitroCli
 
 
 def write_config(path: Path, eif: Path, **overrides: object) -> Path:

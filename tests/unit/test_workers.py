@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.data_key_record import GENERATION_CONTEXT_KEY
 from enclave_tokenizer import protocol, vsock
 from enclave_tokenizer.server import ServerConfig
 from enclave_tokenizer.tokens import Tokenizer
 from enclave_tokenizer.workers import KeyShare, dump_key_state, load_key_state, worker_config
-from nitro_module_utils.data_key_record import GENERATION_CONTEXT_KEY
 
 CID = 16
 PORT = 5600

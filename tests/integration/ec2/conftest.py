@@ -121,7 +121,7 @@ def run_module(endpoint: Ec2Endpoint, args: dict[str, Any], *, check: bool = Fal
         str(VENV_BIN / "ansible"),
         "localhost",
         "-m",
-        "ec2_enclave_instance",
+        "nitro_enclaves.fleet.ec2_enclave_instance",
         "-a",
         json.dumps({"endpoint_url": endpoint.url, "region": REGION, **args}),
     ]

@@ -1,7 +1,7 @@
 """`nitro-cli-emulator build-enclave / describe-eif / pcr` against the real local Docker engine.
 
 Images and EIFs are built once per session. PCRs are re-derived here with plain struct + hashlib over
-the sections, independently of nitro_module_utils.eif.
+the sections, independently of ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif.
 """
 
 from __future__ import annotations

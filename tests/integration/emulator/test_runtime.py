@@ -21,8 +21,8 @@ from pathlib import Path
 
 import cbor2
 import pytest
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import read_eif
 from enclave_tokenizer.attestation import AttestationError, verify_attestation_document
-from nitro_module_utils.eif import read_eif
 
 from nitro_emulator.state import process_start_time
 

@@ -19,9 +19,9 @@ from typing import Any
 import boto3
 import pytest
 import yaml
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import kms_policy
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from nitro_module_utils import kms_policy
 
 from nitro_emulator.local_aws.identities import INSTANCE_ROLE_KEY, KEY_ADMIN_KEY, OPERATOR_KEY
 from nitro_emulator.nsm import build_attestation_document

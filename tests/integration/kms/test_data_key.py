@@ -9,8 +9,8 @@ import stat
 import uuid
 
 import boto3
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import data_key_record
 from enclave_tokenizer.cms import decrypt_enveloped_data
-from nitro_module_utils import data_key_record
 
 from tests.integration.ec2.conftest import DUMMY_ENV, REGION
 
@@ -20,7 +20,7 @@ CONTEXT = {"app": "enclave-tokenizer"}
 
 
 def task(name: str, **args) -> dict:
-    return {"name": name, "kms_enclave_data_key": args}
+    return {"name": name, "nitro_enclaves.fleet.kms_enclave_data_key": args}
 
 
 def alias() -> str:

@@ -10,7 +10,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 import pytest
-from nitro_module_utils import kms_policy
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import kms_policy
 
 from .conftest import ACCOUNT, NEW_PCR0, OLD_PCR0, REGION, ROLE, get_policy, run_module_tasks
 
@@ -42,7 +42,7 @@ FOREIGN = [
 
 
 def task(name: str, **args) -> dict:
-    return {"name": name, "kms_enclave_policy": args}
+    return {"name": name, "nitro_enclaves.fleet.kms_enclave_policy": args}
 
 
 def stmt(**fields) -> dict:

@@ -10,8 +10,6 @@ import uuid
 import yaml
 from enclave_tokenizer.cms import decrypt_enveloped_data
 
-from tests.conftest import REPO_ROOT
-
 from .conftest import OLD_PCR0, REGION, document, get_policy, recipient, run_playbook
 from .test_data_key import stored
 
@@ -33,7 +31,7 @@ def test_default_principal_is_provisions_role_in_the_callers_account(tmp_path, k
             "tasks": [
                 {
                     "ansible.builtin.include_role": {
-                        "name": str(REPO_ROOT / "roles" / "kms_enclave_policy"),
+                        "name": "nitro_enclaves.fleet.kms_enclave_policy",
                         "tasks_from": "controller.yml",
                     }
                 }

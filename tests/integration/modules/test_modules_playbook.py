@@ -146,7 +146,7 @@ def app_dir(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def enclave_task(name: str, eif: Path, memory: int, **extra: Any) -> dict[str, Any]:
     args = {"name": "it-app", "eif_path": str(eif), "cpu_count": 2, "memory_mib": memory, "enclave_cid": 31, **extra}
-    return {"name": name, "nitro_enclave": args}
+    return {"name": name, "nitro_enclaves.fleet.nitro_enclave": args}
 
 
 def test_modules_against_the_emulator(host: Host, app_dir: Path) -> None:
@@ -156,10 +156,10 @@ def test_modules_against_the_emulator(host: Host, app_dir: Path) -> None:
     try:
         setup = host.play(
             [
-                {"name": "allocate", "nitro_allocator": {"memory_mib": 4096, "cpu_count": 4}},
-                {"name": "build", "nitro_eif": eif_args},
-                {"name": "build again", "nitro_eif": eif_args},
-                {"name": "describe", "nitro_eif": {"path": str(eif), "state": "described"}},
+                {"name": "allocate", "nitro_enclaves.fleet.nitro_allocator": {"memory_mib": 4096, "cpu_count": 4}},
+                {"name": "build", "nitro_enclaves.fleet.nitro_eif": eif_args},
+                {"name": "build again", "nitro_enclaves.fleet.nitro_eif": eif_args},
+                {"name": "describe", "nitro_enclaves.fleet.nitro_eif": {"path": str(eif), "state": "described"}},
             ],
             "--diff",
         )
@@ -193,7 +193,7 @@ def test_modules_against_the_emulator(host: Host, app_dir: Path) -> None:
             enclave_task("run", eif, memory, wait_for=wait),
             enclave_task("rerun", eif, memory, wait_for=wait),
             # Read-only, so check mode gives the real answer.
-            {"name": "info", "nitro_enclave_info": {"path": str(eif)}, "check_mode": True},
+            {"name": "info", "nitro_enclaves.fleet.nitro_enclave_info": {"path": str(eif)}, "check_mode": True},
         ],
         "--diff",
     )
@@ -220,8 +220,8 @@ def test_modules_against_the_emulator(host: Host, app_dir: Path) -> None:
     changes = host.play(
         [
             enclave_task("bigger", eif, memory + 64, wait_for=wait),
-            {"name": "absent", "nitro_enclave": {"name": "it-app", "state": "absent"}},
-            {"name": "absent again", "nitro_enclave": {"name": "it-app", "state": "absent"}},
+            {"name": "absent", "nitro_enclaves.fleet.nitro_enclave": {"name": "it-app", "state": "absent"}},
+            {"name": "absent again", "nitro_enclaves.fleet.nitro_enclave": {"name": "it-app", "state": "absent"}},
         ],
         "--diff",
     )
@@ -239,10 +239,15 @@ def test_modules_against_the_emulator(host: Host, app_dir: Path) -> None:
     realloc = host.play(
         [
             enclave_task("start", eif, memory),
-            {"name": "refused", "nitro_allocator": {"memory_mib": 2048, "cpu_count": 2}},
+            {"name": "refused", "nitro_enclaves.fleet.nitro_allocator": {"memory_mib": 2048, "cpu_count": 2}},
             {
                 "name": "forced",
-                "nitro_allocator": {"memory_mib": 2048, "cpu_count": 2, "terminate_running": True, "backup": True},
+                "nitro_enclaves.fleet.nitro_allocator": {
+                    "memory_mib": 2048,
+                    "cpu_count": 2,
+                    "terminate_running": True,
+                    "backup": True,
+                },
             },
         ],
         "--diff",
@@ -275,10 +280,13 @@ def test_enclave_change_the_pool_cannot_hold_changes_nothing(host: Host) -> None
     def configured(name: str, **extra: Any) -> dict[str, Any]:
         args = {"name": "it-app", "state": "configured", "config_path": str(config), "eif_path": str(eif),
                 "cpu_count": 2, "memory_mib": 256, **extra}  # fmt: skip
-        return {"name": name, "nitro_enclave": args}
+        return {"name": name, "nitro_enclaves.fleet.nitro_enclave": args}
 
     first = host.play(
-        [{"name": "allocate", "nitro_allocator": {"memory_mib": 512, "cpu_count": 2}}, configured("configure")]
+        [
+            {"name": "allocate", "nitro_enclaves.fleet.nitro_allocator": {"memory_mib": 512, "cpu_count": 2}},
+            configured("configure"),
+        ]
     )
     assert first["allocate"].get("failed") is not True, first["allocate"]
     assert first["configure"]["changed"] is True, first["configure"]
@@ -292,7 +300,12 @@ def test_enclave_change_the_pool_cannot_hold_changes_nothing(host: Host) -> None
             configured("memory", memory_mib=1024),
             {
                 "name": "running, check mode",
-                "nitro_enclave": {"name": "it-app", "eif_path": str(eif), "cpu_count": 4, "memory_mib": 256},
+                "nitro_enclaves.fleet.nitro_enclave": {
+                    "name": "it-app",
+                    "eif_path": str(eif),
+                    "cpu_count": 4,
+                    "memory_mib": 256,
+                },
                 "check_mode": True,
             },
         ],

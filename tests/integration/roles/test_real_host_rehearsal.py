@@ -110,7 +110,7 @@ STANDIN_NITRO_CLI = r"""#!/opt/nitro-enclaves/venv/bin/python
 # (kernel, cmdline, bootstrap ramdisk of init + nsm.ko, application ramdisk), printing its measurements.
 import json, os, subprocess, sys
 from pathlib import Path
-from nitro_module_utils import eif
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif
 from nitro_emulator.build import bootstrap_entries
 
 argv = sys.argv[1:]
@@ -215,7 +215,7 @@ def play(
     env = dict(os.environ)
     env.update(
         ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
-        ANSIBLE_LIBRARY=f"{REPO_ROOT / 'library'}:{library}",
+        ANSIBLE_LIBRARY=str(library),
         ANSIBLE_NOCOLOR="1",
         NITRO_ANSIBLE_WHEELHOUSE=str(WHEELHOUSE),
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
@@ -234,7 +234,7 @@ def in_host(container: str, *argv: str) -> str:
 
 
 def test_al2023_branch_installs_builds_on_the_host_and_distributes(tmp_path: Path, al2023_host: str) -> None:
-    from nitro_module_utils.eif import read_eif
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import read_eif
 
     if not any(WHEELHOUSE.glob("nitro_enclaves_ansible-*.whl")):
         pytest.fail(f"no project wheel in {WHEELHOUSE}: run `make wheelhouse`")
@@ -251,7 +251,7 @@ def test_al2023_branch_installs_builds_on_the_host_and_distributes(tmp_path: Pat
                 "enclave_image_src": str(REPO_ROOT / "enclave_src"),
             },
             "pre_tasks": [{"name": "Report Amazon Linux 2023 facts", "amazon_facts": {}}],
-            "roles": ["nitro_cli", "enclave_image"],
+            "roles": ["nitro_enclaves.fleet.nitro_cli", "nitro_enclaves.fleet.enclave_image"],
         }
     ]
     first = play(tmp_path, al2023_host, site)
@@ -310,7 +310,7 @@ def test_al2023_branch_installs_builds_on_the_host_and_distributes(tmp_path: Pat
 
 
 def test_placeholder_eif_is_refused_on_a_host_with_the_device(tmp_path: Path, al2023_host: str) -> None:
-    from nitro_module_utils.eif import make_metadata, read_eif, write_eif
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import make_metadata, read_eif, write_eif
 
     from nitro_emulator.build import DEFAULT_BLOBS
 
@@ -343,7 +343,10 @@ def test_placeholder_eif_is_refused_on_a_host_with_the_device(tmp_path: Path, al
             "tasks": [
                 {
                     "name": "Distribute",
-                    "ansible.builtin.include_role": {"name": "enclave_image", "tasks_from": "distribute"},
+                    "ansible.builtin.include_role": {
+                        "name": "nitro_enclaves.fleet.enclave_image",
+                        "tasks_from": "distribute",
+                    },
                 }
             ],
         }

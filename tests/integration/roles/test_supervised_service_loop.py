@@ -35,7 +35,7 @@ class LoopService:
         self.launcher = Path(f"/usr/local/sbin/supervise-{name}")
         self.pidfile = Path(f"/run/nitro-enclaves-{name}.pid")
         self.config = workdir / "ansible.cfg"
-        self.config.write_text(f"[defaults]\nroles_path = {REPO / 'roles'}\n")
+        self.config.write_text(f"[defaults]\ncollections_path = {REPO / 'collections'}\n")
 
     def apply(self, state: str = "started", marker: str = "one", check: bool = False) -> dict[str, Any]:
         """Run the role; return the role's task result and the supervised_service_started fact."""
@@ -46,7 +46,7 @@ class LoopService:
                 "tasks": [
                     {
                         "name": "Supervise",
-                        "ansible.builtin.include_role": {"name": "supervised_service"},
+                        "ansible.builtin.include_role": {"name": "nitro_enclaves.fleet.supervised_service"},
                         "vars": {
                             "supervised_service_name": self.name,
                             "supervised_service_command": ["sleep", "600"],

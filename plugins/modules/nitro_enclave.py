@@ -238,13 +238,16 @@ import os
 import stat
 from typing import Any
 
-from ansible.module_utils.atomic_file import write_atomic
 from ansible.module_utils.basic import AnsibleModule, env_fallback
-from ansible.module_utils.diff import diff_result
-from ansible.module_utils.eif import EifError, open_regular, read_eif
-from ansible.module_utils.eif_provenance import require_runnable_here
-from ansible.module_utils.enclave_pool import enclave_pool_problems, read_applied_pool
-from ansible.module_utils.enclave_spec import (
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.atomic_file import write_atomic
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.diff import diff_result
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import EifError, open_regular, read_eif
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif_provenance import require_runnable_here
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_pool import (
+    enclave_pool_problems,
+    read_applied_pool,
+)
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_spec import (
     argument_problem,
     differences,
     min_memory_mib,
@@ -253,8 +256,16 @@ from ansible.module_utils.enclave_spec import (
     unexpected_measurements,
     wanted,
 )
-from ansible.module_utils.enclave_spec import expected_measurements as spec_measurements
-from ansible.module_utils.nitro_cli import NitroCli, NitroCliError, is_emulated, launch_lock, wait_for_vsock
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_spec import (
+    expected_measurements as spec_measurements,
+)
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.nitro_cli import (
+    NitroCli,
+    NitroCliError,
+    is_emulated,
+    launch_lock,
+    wait_for_vsock,
+)
 
 MAX_RUN_CONFIG_BYTES = 1 << 20  # a run configuration is a few hundred bytes
 

@@ -195,7 +195,8 @@ import os
 import traceback
 from typing import Any
 
-from ansible.module_utils.allocator import (
+from ansible.module_utils.basic import AnsibleModule, env_fallback
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.allocator import (
     AllocatorConfig,
     AllocatorConfigError,
     CpuListError,
@@ -208,11 +209,16 @@ from ansible.module_utils.allocator import (
     topology_facts,
     validate,
 )
-from ansible.module_utils.atomic_file import write_atomic
-from ansible.module_utils.basic import AnsibleModule, env_fallback
-from ansible.module_utils.diff import diff_result
-from ansible.module_utils.enclave_pool import read_ne_cpus
-from ansible.module_utils.nitro_cli import NitroCli, NitroCliError, NitroCliNotFound, find_emulator, is_emulated
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.atomic_file import write_atomic
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.diff import diff_result
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_pool import read_ne_cpus
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.nitro_cli import (
+    NitroCli,
+    NitroCliError,
+    NitroCliNotFound,
+    find_emulator,
+    is_emulated,
+)
 
 HEADER = "Managed by Ansible (nitro_allocator). Read by the nitro-enclaves-allocator service."
 REAL_ALLOCATOR = "/usr/bin/nitro-enclaves-allocator"

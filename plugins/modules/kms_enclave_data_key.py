@@ -216,11 +216,11 @@ import os
 with contextlib.suppress(ImportError):  # AnsibleAWSModule reports a missing botocore
     import botocore.exceptions
 
-from ansible.module_utils import data_key_record as records
-from ansible.module_utils.atomic_file import write_atomic
 from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import data_key_record as records
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.atomic_file import write_atomic
 
 
 class DataKeyError(Exception):

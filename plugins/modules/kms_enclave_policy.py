@@ -1,5 +1,5 @@
 #!/usr/bin/python
-"""Ansible module kms_enclave_policy: attestation-bound statements in a KMS key policy (logic in module_utils/kms_policy.py)."""
+"""Ansible module kms_enclave_policy: attestation-bound statements in a KMS key policy (logic in plugins/module_utils/kms_policy.py)."""
 
 from __future__ import annotations
 
@@ -265,8 +265,8 @@ statements_changed:
 
 import contextlib
 
-from ansible.module_utils.diff import diff_result
-from ansible.module_utils.kms_policy import (
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.diff import diff_result
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.kms_policy import (
     PolicyError,
     apply_statements,
     dump_policy,

@@ -1,5 +1,5 @@
 #!/usr/bin/python
-"""Ansible module ec2_enclave_instance: EC2 instances with Nitro Enclaves enabled (logic in module_utils/ec2_enclave.py)."""
+"""Ansible module ec2_enclave_instance: EC2 instances with Nitro Enclaves enabled (logic in plugins/module_utils/ec2_enclave.py)."""
 
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ actions:
 
 import contextlib
 
-from ansible.module_utils.ec2_enclave import EnclaveFleet, EnclaveInstanceError
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.ec2_enclave import EnclaveFleet, EnclaveInstanceError
 
 with contextlib.suppress(ImportError):  # AnsibleAWSModule reports a missing botocore
     import botocore

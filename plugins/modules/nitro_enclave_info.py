@@ -148,7 +148,8 @@ ansible_facts:
 import os
 from typing import Any
 
-from ansible.module_utils.allocator import (
+from ansible.module_utils.basic import AnsibleModule, env_fallback
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.allocator import (
     AllocatorConfigError,
     HostTopology,
     format_cpu_list,
@@ -156,9 +157,13 @@ from ansible.module_utils.allocator import (
     read_config_text,
     topology_facts,
 )
-from ansible.module_utils.basic import AnsibleModule, env_fallback
-from ansible.module_utils.enclave_pool import read_applied_pool
-from ansible.module_utils.nitro_cli import NitroCli, NitroCliError, NitroCliNotFound, is_emulated
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_pool import read_applied_pool
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.nitro_cli import (
+    NitroCli,
+    NitroCliError,
+    NitroCliNotFound,
+    is_emulated,
+)
 
 
 def allocator_facts(config_path: str, sysfs_root: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """allocator.yaml (the nitro-enclaves-allocator service config) and the host rules it must obey.
 
 Stdlib only: the nitro_allocator module runs it on hosts, and the emulator's allocator service
-imports it as ``nitro_module_utils.allocator`` so both parse and validate the same way.
+imports it by the same name (``...plugins.module_utils.allocator``) so both parse and validate the same way.
 
 The parser follows the real service's line parser (aws-nitro-enclaves-cli
 ``bootstrap/nitro-enclaves-allocator`` ``parse_config``), not YAML: anything before a line that is

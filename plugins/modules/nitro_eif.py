@@ -178,13 +178,21 @@ import os
 import tempfile
 from typing import Any
 
-from ansible.module_utils.atomic_file import atomic_path, write_atomic
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.diff import diff_result
-from ansible.module_utils.eif import EifError, EifImage, metadata_describe, read_eif
-from ansible.module_utils.eif_provenance import is_placeholder, require_runnable_here
-from ansible.module_utils.enclave_spec import min_memory_mib
-from ansible.module_utils.nitro_cli import NitroCli, NitroCliError
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.atomic_file import atomic_path, write_atomic
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.diff import diff_result
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import (
+    EifError,
+    EifImage,
+    metadata_describe,
+    read_eif,
+)
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif_provenance import (
+    is_placeholder,
+    require_runnable_here,
+)
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_spec import min_memory_mib
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.nitro_cli import NitroCli, NitroCliError
 
 RECORD_SUFFIX = ".inputs.json"
 RECORD_FORMAT = 1
