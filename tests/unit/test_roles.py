@@ -31,7 +31,8 @@ def _options(role: Path) -> dict[str, Any]:
 
 def _dependencies(role: Path) -> list[str]:
     deps = (_yaml(role / "meta" / "main.yml") or {}).get("dependencies") or []
-    return [dep if isinstance(dep, str) else dep["role"] for dep in deps]
+    names = [dep if isinstance(dep, str) else dep["role"] for dep in deps]
+    return [name.removeprefix("nitro_enclaves.fleet.") for name in names]
 
 
 def test_readmes_are_generated_from_argument_specs() -> None:
