@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="enclave-tokenizer", description="Parent-side tools for the enclave tokenizer"
     )
-    parser.add_argument("--config", help=f"gateway config YAML (default {parent.DEFAULT_CONFIG} if present)")
+    parser.add_argument(
+        "--config", help=f"gateway config YAML (default ${parent.CONFIG_ENV}, else {parent.DEFAULT_CONFIG} if present)"
+    )
     parser.add_argument("--cid", type=int, help="enclave CID (default: from config, or discovered by --name)")
     parser.add_argument("--name", help="enclave name to look up with nitro-cli describe-enclaves")
     parser.add_argument("--port", type=int, help="enclave vsock port (default 5000)")
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> GatewayConfig:
-    path = args.config or (parent.DEFAULT_CONFIG if os.path.exists(parent.DEFAULT_CONFIG) else None)
+    path = args.config or parent.default_config()
     overrides: dict[str, Any] = {"enclave_cid": args.cid, "enclave_name": args.name, "enclave_port": args.port}
     overrides["request_timeout"] = args.timeout
     if getattr(args, "measurements", None):
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
         path = args.gateway_config or args.config
         return gateway.main(["--config", path] if path else [])
+    parent.adopt_emulated_vsock()  # an emulated host's enclave, without NITRO_VSOCK_DIR in the shell
     try:
         config = _config(args)
         code, output = _run(args, config)

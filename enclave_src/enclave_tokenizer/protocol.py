@@ -5,6 +5,8 @@ Requests: ``{"v": 1, "id": <int|str>, "op": "<name>", ...}``.
 Responses: ``{"v": 1, "id": <same>, "ok": true, "result": {...}}`` or
 ``{"v": 1, "id": <same|null>, "ok": false, "error": {"code": "...", "message": "..."}}``.
 Responses carry the request id; clients may pipeline and must match by id (slow ops may overtake).
+A request may carry ``"rid"`` (the HTTP request id, a string of at most 128 chars): the answer echoes it
+(servers before it ignore the field, as they ignore every field an op does not read).
 """
 
 from __future__ import annotations
@@ -88,6 +90,14 @@ def valid_id(value: object) -> bool:
     if isinstance(value, int):
         return -(2**63) <= value < 2**63
     return isinstance(value, str) and len(value) <= MAX_ID_LENGTH
+
+
+def with_rid(answer: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    """``answer`` echoing the request's ``rid`` when it has a valid one (other values are ignored)."""
+    rid = request.get("rid")
+    if type(rid) is str and len(rid) <= MAX_ID_LENGTH:
+        answer["rid"] = rid
+    return answer
 
 
 def ok(request_id: object, result: dict[str, Any]) -> dict[str, Any]:
