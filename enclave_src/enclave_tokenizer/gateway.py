@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         config = GatewayConfig.load(path, metrics=args.metrics)
     except ConfigError as exc:
         parser.exit(2, f"enclave-tokenizer gateway: {exc}\n")
-    redaction.setup(config.log_level)  # every record masked, aiohttp's and botocore's too
+    redaction.setup(config.log_level, log_format=config.log_format)  # every record masked, aiohttp's too
     if asyncio.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp()))):
         reexec()
     return 0

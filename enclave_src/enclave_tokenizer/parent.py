@@ -91,6 +91,7 @@ class GatewayConfig:
     attestation_root_pem: str | None = None  # default: AWS Nitro Enclaves Root G1
     allow_debug: bool = False
     log_level: str = "INFO"
+    log_format: str = "json"  # or "text" (redaction.setup)
     access_log: bool = True  # one JSON line per HTTP request (enclave_tokenizer.access), never a body
     # Token modes /v1/tokenize serves (a fleet may refuse fpe or reversible tokens): others are 403.
     allowed_modes: list[str] = field(default_factory=lambda: list(MODES))
@@ -131,6 +132,8 @@ class GatewayConfig:
         modes = self.allowed_modes
         if not isinstance(modes, list) or not modes or any(m not in MODES for m in modes):
             raise ConfigError(f"allowed_modes={modes!r}: expected a non-empty list of {', '.join(MODES)}")
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"log_format={self.log_format!r}: expected json or text")
         for name in ("access_log", "metrics", "allow_debug"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected true or false")
