@@ -25,19 +25,12 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from tokenizer_harness import CAPABILITY, TEST_KEY, call, running_server
 
+from tests.unit import test_client_gateway
 from tests.unit.test_client_gateway import GatewayThread, _gateway_config
 
 PAN, PAN2 = "4111111111111111", "5500000000000004"
 TK = Tokenizer.from_data_key(TEST_KEY)
-
-
-@pytest.fixture
-def vsock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "vsock"
-    path.mkdir()
-    monkeypatch.setenv("NITRO_VSOCK_DIR", str(path))
-    monkeypatch.delenv("NITRO_ENCLAVE_CID", raising=False)
-    return path
+vsock_dir = test_client_gateway.vsock_dir  # the same fixture: an emulated vsock directory per test
 
 
 class Contract:
