@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from enclave_tokenizer import protocol
 from enclave_tokenizer.client import AsyncClient
+from enclave_tokenizer.gateway import Gateway
 from enclave_tokenizer.tokens import Tokenizer
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_spec
@@ -236,3 +237,20 @@ def test_the_enclave_echoes_the_request_id_and_old_clients_are_unaffected(vsock_
             assert bad["ok"] is False and "rid" not in bad
             long = call(sock, {"v": 1, "id": 4, "op": "health", "rid": "x" * (protocol.MAX_ID_LENGTH + 1)})
             assert long["ok"] and "rid" not in long
+
+
+def test_key_changes_are_logged_as_events_with_old_and_new_key_checks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = Gateway(_gateway_config(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="enclave_tokenizer.gateway"):
+        gw._watch_key({"key_check": "aa11"})  # first sight: no event
+        gw._rotating = True  # a rotation this gateway provisioned
+        gw._watch_key({"key_check": "bb22"})
+        gw._rotating = False
+        gw._watch_key({"key_check": "cc33"})  # nobody asked for this one
+    events = [
+        (r.levelname, r.expected, r.old_key_check, r.new_key_check) for r in caplog.records if r.event == "key_change"
+    ]
+    assert events == [("WARNING", True, "aa11", "bb22"), ("ERROR", False, "bb22", "cc33")]
+    assert gw.unexpected_key_change == {"old_key_check": "bb22", "new_key_check": "cc33"}
