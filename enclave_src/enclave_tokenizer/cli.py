@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("provision", help="provision the enclave's data key now")
     gw = sub.add_parser("gateway", help="run the HTTP gateway")
     gw.add_argument("--config", dest="gateway_config", help="gateway config YAML")
+    gw.add_argument("--metrics", action=argparse.BooleanOptionalAction, help="serve GET /metrics (default: config)")
     return parser
 
 
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import gateway
 
         path = args.gateway_config or args.config
-        return gateway.main(["--config", path] if path else [])
+        metrics = [] if args.metrics is None else ["--metrics" if args.metrics else "--no-metrics"]
+        return gateway.main((["--config", path] if path else []) + metrics)
     parent.adopt_emulated_vsock()  # an emulated host's enclave, without NITRO_VSOCK_DIR in the shell
     try:
         config = _config(args)

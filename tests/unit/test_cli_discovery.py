@@ -68,3 +68,18 @@ def test_the_cli_talks_to_the_enclave_with_no_option_and_no_env(
         assert cli.main(["tokenize", PAN]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["token"] == Tokenizer.from_data_key(TEST_KEY).opaque(PAN)
+
+
+def test_the_gateway_command_takes_the_metrics_switch_the_role_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from enclave_tokenizer import gateway
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(gateway, "main", lambda argv: seen.append(argv) or 0)
+    for switch in ("--metrics", "--no-metrics"):
+        assert cli.main(["gateway", "--config", "/etc/x.yaml", switch]) == 0
+    assert cli.main(["gateway"]) == 0
+    assert seen[0] == ["--config", "/etc/x.yaml", "--metrics"] and seen[1][-1] == "--no-metrics"
+    assert not {"--metrics", "--no-metrics"} & set(seen[2])  # no switch: the configuration decides
+    for value in (True, False):
+        config = parent.GatewayConfig.load(None, enclave_cid=16, metrics=value)
+        assert config.metrics is value
