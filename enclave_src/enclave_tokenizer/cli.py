@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="enclave-tokenizer", description="Parent-side tools for the enclave tokenizer"
     )
-    parser.add_argument("--config", help=f"gateway config YAML (default {parent.DEFAULT_CONFIG} if present)")
+    parser.add_argument(
+        "--config", help=f"gateway config YAML (default ${parent.CONFIG_ENV}, else {parent.DEFAULT_CONFIG} if present)"
+    )
     parser.add_argument("--cid", type=int, help="enclave CID (default: from config, or discovered by --name)")
     parser.add_argument("--name", help="enclave name to look up with nitro-cli describe-enclaves")
     parser.add_argument("--port", type=int, help="enclave vsock port (default 5000)")
@@ -55,11 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("provision", help="provision the enclave's data key now")
     gw = sub.add_parser("gateway", help="run the HTTP gateway")
     gw.add_argument("--config", dest="gateway_config", help="gateway config YAML")
+    gw.add_argument("--metrics", action=argparse.BooleanOptionalAction, help="serve GET /metrics (default: config)")
     return parser
 
 
 def _config(args: argparse.Namespace) -> GatewayConfig:
-    path = args.config or (parent.DEFAULT_CONFIG if os.path.exists(parent.DEFAULT_CONFIG) else None)
+    path = args.config or parent.default_config()
     overrides: dict[str, Any] = {"enclave_cid": args.cid, "enclave_name": args.name, "enclave_port": args.port}
     overrides["request_timeout"] = args.timeout
     if getattr(args, "measurements", None):
@@ -134,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import gateway
 
         path = args.gateway_config or args.config
-        return gateway.main(["--config", path] if path else [])
+        metrics = [] if args.metrics is None else ["--metrics" if args.metrics else "--no-metrics"]
+        return gateway.main((["--config", path] if path else []) + metrics)
+    parent.adopt_emulated_vsock()  # an emulated host's enclave, without NITRO_VSOCK_DIR in the shell
     try:
         config = _config(args)
         code, output = _run(args, config)

@@ -30,11 +30,13 @@ from typing import Any
 
 from aiohttp import http_exceptions, web, web_protocol
 
-from . import parent, protocol, redaction
+from . import http_api, parent, protocol, redaction
 from .client import AsyncClient, EnclaveUnavailable, TokenizerError
+from .http_api import route_pattern as _route
 from .metrics import GatewayMetrics
 from .parent import ConfigError, GatewayConfig
 from .supervisor_state import read_status
+from .tokens import MODES
 from .upgrade import UpgradeWatch, default_stamp, reexec
 
 log = logging.getLogger("enclave_tokenizer.gateway")
@@ -133,13 +135,6 @@ def _parser_error(exc: BaseException | None) -> str:
         if isinstance(exc, kind):
             return text
     return "malformed HTTP request"
-
-
-def _route(request: web.BaseRequest) -> str:
-    """The route's pattern, never the request's own path (which may carry anything)."""
-    info = getattr(request, "match_info", None)
-    resource = info.route.resource if info is not None else None
-    return resource.canonical if resource is not None else "?"
 
 
 def _json_errors(max_body: int) -> Any:
@@ -284,8 +279,12 @@ class Gateway:
             return
         known = self.key_check
         if known is not None and key_check != known and not self._rotating:
-            log.error("unexpected data key change in the enclave: key check %s -> %s", known, key_check)
             self.unexpected_key_change = {"old_key_check": known, "new_key_check": key_check}
+            event = {"event": "key_change", "expected": False, **self.unexpected_key_change}
+            log.error("unexpected data key change in the enclave: key check %s -> %s", known, key_check, extra=event)
+        elif known is not None and key_check != known:
+            event = {"event": "key_change", "expected": True, "old_key_check": known, "new_key_check": key_check}
+            log.warning("data key rotated in the enclave: key check %s -> %s", known, key_check, extra=event)
         self.key_check = key_check
 
     async def ensure_provisioned(self, health: dict[str, Any]) -> dict[str, Any]:
@@ -424,6 +423,9 @@ class Gateway:
                 "request_too_large",
                 f"request encodes to {size} bytes for the enclave; at most {protocol.MAX_REQUEST_BYTES}",
             )
+        rid = redaction.request_id.get()
+        if rid is not None:
+            enclave_request["rid"] = rid  # echoed by the enclave; its own records carry it
         deadline = time.monotonic() + self.config.hold_timeout
         while True:
             try:
@@ -464,6 +466,8 @@ class Gateway:
         except TokenizerError as exc:
             return _error(exc.code, exc.message)
         forward: dict[str, Any] = {"op": "tokenize", "mode": body.get("mode", "opaque")}
+        if forward["mode"] in MODES and forward["mode"] not in self.config.allowed_modes:
+            return _error("mode_not_allowed", f"mode {forward['mode']} is not enabled on this gateway", 403)
         if "pans" in body:
             forward["pans"] = body["pans"]
         elif "pan" in body:
@@ -520,7 +524,9 @@ class Gateway:
 
     # ---------------------------------------------------------------- lifecycle
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body, middlewares=[_json_errors(self.config.max_body)])
+        middlewares = [http_api.middleware(self.config.access_log), _json_errors(self.config.max_body)]
+        app = web.Application(client_max_size=self.config.max_body, middlewares=middlewares)
+        http_api.add_routes(app)
         app.router.add_post("/v1/tokenize", self.handle_tokenize)
         app.router.add_post("/v1/detokenize", self.handle_detokenize)
         app.router.add_get("/healthz", self.handle_health)
@@ -599,15 +605,16 @@ async def _watch_upgrade(upgrade: UpgradeWatch, stop: asyncio.Event, upgraded: a
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="enclave-tokenizer gateway", description="HTTP gateway to the enclave")
-    parser.add_argument("--config", default=os.environ.get("ENCLAVE_TOKENIZER_CONFIG"))
+    parser.add_argument("--config")
+    parser.add_argument("--metrics", action=argparse.BooleanOptionalAction, help="serve GET /metrics (default: config)")
     args = parser.parse_args(argv)
     # An explicit config must exist; the default one is optional (env-only configuration).
-    path = args.config or (parent.DEFAULT_CONFIG if os.path.exists(parent.DEFAULT_CONFIG) else None)
+    path = args.config or parent.default_config()
     try:
-        config = GatewayConfig.load(path)
+        config = GatewayConfig.load(path, metrics=args.metrics)
     except ConfigError as exc:
         parser.exit(2, f"enclave-tokenizer gateway: {exc}\n")
-    redaction.setup(config.log_level)  # every record masked, aiohttp's and botocore's too
+    redaction.setup(config.log_level, log_format=config.log_format)  # every record masked, aiohttp's too
     from . import gateway_workers
 
     # Extra worker processes first (forked before any event loop exists); this process is worker 0.

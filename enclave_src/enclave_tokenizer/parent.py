@@ -22,9 +22,34 @@ import yaml
 
 from . import kms
 from .client import AsyncClient, CidSource, Client
+from .tokens import MODES
 
 ENV_PREFIX = "ENCLAVE_TOKENIZER_"
-DEFAULT_CONFIG = "/etc/enclave-tokenizer/gateway.yaml"
+# Where the vsock_tokenizer role writes it (vsock_tokenizer_config_dir), then the path of earlier versions.
+DEFAULT_CONFIG = "/etc/nitro-enclaves/tokenizer/gateway.yaml"
+CONFIG_PATHS = (DEFAULT_CONFIG, "/etc/enclave-tokenizer/gateway.yaml")
+CONFIG_ENV = "ENCLAVE_TOKENIZER_CONFIG"
+NITRO_DEVICE = "/dev/nitro_enclaves"
+
+
+def default_config() -> str | None:
+    """The configuration a tool uses without --config: $ENCLAVE_TOKENIZER_CONFIG, else the first of
+    CONFIG_PATHS that exists, else None (env-only configuration)."""
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        return explicit
+    return next((path for path in CONFIG_PATHS if os.path.exists(path)), None)
+
+
+def adopt_emulated_vsock() -> str | None:
+    """On an emulated host (no Nitro device, the emulator's vsock directory present) point the vsock
+    transport at that directory unless $NITRO_VSOCK_DIR already says where; returns the directory in force."""
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import vsock as vsock_transport
+
+    unset = not os.environ.get(vsock_transport.ENV_DIR)
+    if unset and not os.path.exists(NITRO_DEVICE) and os.path.isdir(vsock_transport.DEFAULT_VSOCK_DIR):
+        os.environ[vsock_transport.ENV_DIR] = vsock_transport.DEFAULT_VSOCK_DIR
+    return vsock_transport.emulation_dir()
 
 
 class ConfigError(ValueError):
@@ -68,6 +93,10 @@ class GatewayConfig:
     attestation_root_pem: str | None = None  # default: AWS Nitro Enclaves Root G1
     allow_debug: bool = False
     log_level: str = "INFO"
+    log_format: str = "json"  # or "text" (redaction.setup)
+    access_log: bool = True  # one JSON line per HTTP request (enclave_tokenizer.access), never a body
+    # Token modes /v1/tokenize serves (a fleet may refuse fpe or reversible tokens): others are 403.
+    allowed_modes: list[str] = field(default_factory=lambda: list(MODES))
     # GET /metrics (Prometheus); the attestation + canary self-check runs every this many s (0: never).
     metrics: bool = True
     metrics_self_check_interval: float = 300.0
@@ -106,8 +135,14 @@ class GatewayConfig:
             raise ConfigError("set enclave_cid or enclave_name")
         if not isinstance(self.kms_encryption_context, dict):
             raise ConfigError("kms_encryption_context must be a mapping of strings")
-        if not isinstance(self.metrics, bool):
-            raise ConfigError(f"metrics must be true or false, not {self.metrics!r}")
+        modes = self.allowed_modes
+        if not isinstance(modes, list) or not modes or any(m not in MODES for m in modes):
+            raise ConfigError(f"allowed_modes={modes!r}: expected a non-empty list of {', '.join(MODES)}")
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"log_format={self.log_format!r}: expected json or text")
+        for name in ("access_log", "metrics", "allow_debug"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected true or false")
         interval = self.metrics_self_check_interval
         if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
             raise ConfigError(f"metrics_self_check_interval must be seconds >= 0 (0: off), not {interval!r}")

@@ -10,6 +10,9 @@ The length-prefixed framing itself (``frame``, ``recv_exact``, ``recv_frame``) i
 stream of this project: the tokenizer protocol, the NSM socket (CBOR bodies, the enclave's nsm and the
 emulator's server) and the emulator's CLI socket (nitro-cli's little-endian 64-bit length). It lives here,
 in the enclave's own package, because the enclave needs it and its image carries only enclave code.
+
+A request may carry ``"rid"`` (the HTTP request id, a string of at most 128 chars): the answer echoes it
+(servers before it ignore the field, as they ignore every field an op does not read).
 """
 
 from __future__ import annotations
@@ -96,6 +99,14 @@ def valid_id(value: object) -> bool:
     if isinstance(value, int):
         return -(2**63) <= value < 2**63
     return isinstance(value, str) and len(value) <= MAX_ID_LENGTH
+
+
+def with_rid(answer: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    """``answer`` echoing the request's ``rid`` when it has a valid one (other values are ignored)."""
+    rid = request.get("rid")
+    if type(rid) is str and len(rid) <= MAX_ID_LENGTH:
+        answer["rid"] = rid
+    return answer
 
 
 def ok(request_id: object, result: dict[str, Any]) -> dict[str, Any]:

@@ -31,8 +31,13 @@ What is masked (:func:`redact`):
 
 from __future__ import annotations
 
+import contextvars
+import datetime
+import json
 import logging
+import os
 import re
+import socket
 import sys
 import threading
 import traceback
@@ -176,15 +181,69 @@ def uninstall() -> None:
 
 
 DEFAULT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+# "json" (one object per line) or "text"; the env var wins over what an entry point asks for, so that a
+# host's services and tools can all be switched (the roles set it).
+LOG_FORMAT_ENV = "ENCLAVE_TOKENIZER_LOG_FORMAT"
+# The request being served (the gateway's X-Request-Id, the vsock request's "rid"): every record made
+# while it is set carries it, whichever logger made it.
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# Fields of ``extra=`` that JSON lines carry, in this order (others follow, masked like the message).
+_JSON_FIRST = ("request_id", "event", "method", "route", "op", "status", "code", "duration_ms")
 
 
-def setup(level: str | int = "INFO", fmt: str = DEFAULT_FORMAT, stream: TextIO | None = None) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ms), level, host, logger, msg, request_id, the record's
+    ``extra=`` fields (already masked by RedactingFilter) and the masked exception text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host = socket.gethostname()
+
+    def format(self, record: logging.LogRecord) -> str:
+        redact_record(record)  # also records that reached this handler without the filter
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        line: dict[str, Any] = {
+            "ts": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "host": self.host,
+            "logger": record.name,
+            "msg": record.msg,
+        }
+        rid = getattr(record, "request_id", None) or request_id.get()
+        if rid:
+            line["request_id"] = rid
+        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
+        for name in (*_JSON_FIRST, *sorted(extra)):
+            if name in extra and name not in line:
+                value = extra[name]
+                line[name] = value if isinstance(value, str | int | float | bool | None) else redact(repr(value))
+        if record.exc_text:
+            line["exc"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = record.stack_info
+        return json.dumps(line, ensure_ascii=True, separators=(",", ":"))
+
+
+def setup(
+    level: str | int = "INFO", fmt: str = DEFAULT_FORMAT, stream: TextIO | None = None, log_format: str | None = None
+) -> None:
     """What every entry point calls instead of ``logging.basicConfig``: a stderr handler (or ``stream``)
-    on the root logger, masking installed, and a masking filter on every handler configured so far."""
+    on the root logger, masking installed, and a masking filter on every handler configured so far.
+
+    ``log_format``: "json" (JSON lines, JsonFormatter) or "text" (``fmt``); the env var
+    ENCLAVE_TOKENIZER_LOG_FORMAT overrides it; unset, services (default ``fmt``) write JSON and tools that
+    pass their own ``fmt`` write text for a person."""
     install()
+    chosen = os.environ.get(LOG_FORMAT_ENV) or log_format or ("json" if fmt == DEFAULT_FORMAT else "text")
+    if chosen not in ("json", "text"):
+        raise ValueError(f"{LOG_FORMAT_ENV}={chosen!r}: expected 'json' or 'text'")
     logging.basicConfig(level=level.upper() if isinstance(level, str) else level, format=fmt, stream=stream)
+    root = logging.getLogger()
+    if chosen == "json":
+        for handler in root.handlers:
+            handler.setFormatter(JsonFormatter())
     known = logging.Logger.manager.loggerDict.values()
-    for logger in [logging.getLogger(), *(lg for lg in known if isinstance(lg, logging.Logger))]:
+    for logger in [root, *(lg for lg in known if isinstance(lg, logging.Logger))]:
         for handler in logger.handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
                 handler.addFilter(RedactingFilter())

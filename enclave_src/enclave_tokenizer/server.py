@@ -249,15 +249,20 @@ class TokenizerService:
 
     def handle_fast(self, request_id: Any, op: str, request: dict[str, Any]) -> dict[str, Any]:
         try:
-            return protocol.ok(request_id, self.fast_ops[op](request))
+            answer = protocol.ok(request_id, self.fast_ops[op](request))
         except Exception as exc:
-            return self._failure(request_id, op, exc)
+            answer = self._failure(request_id, op, exc)
+        return protocol.with_rid(answer, request) if "rid" in request else answer
 
     async def handle_slow(self, request_id: Any, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        rid = request.get("rid")
+        if type(rid) is str and len(rid) <= protocol.MAX_ID_LENGTH:
+            redaction.request_id.set(rid)  # this task's records carry it (each task has its own context)
         try:
-            return protocol.ok(request_id, await self.slow_ops[op](request))
+            answer = protocol.ok(request_id, await self.slow_ops[op](request))
         except Exception as exc:
-            return self._failure(request_id, op, exc)
+            answer = self._failure(request_id, op, exc)
+        return protocol.with_rid(answer, request)
 
     def _failure(self, request_id: Any, op: str, exc: Exception) -> dict[str, Any]:
         self.stats.errors += 1
@@ -504,6 +509,7 @@ class TokenizerService:
                     params["generation"],
                     old.key_check,
                     tokenizer.key_check,
+                    extra={"event": "key_change", **key.last_key_change},
                 )
             elif old is None and previous is not None:
                 key.previous, key.previous_generation = previous, context_generation(params["previous"]["context"])

@@ -117,6 +117,7 @@ class Supervisor:
     _trial: tuple[tuple[Any, ...], float] | None = None  # an unproven configuration launched at (monotonic)
     _pending_reason: str | None = None
     _seen_enclave: bool = False  # a launch after this supervisor saw its enclave is a relaunch (counted)
+    _running_pcr0: str | None = None  # of the image last launched or found running healthily
     last_good: LastGood = field(init=False)
     status: StatusFile = field(init=False)
 
@@ -222,6 +223,7 @@ class Supervisor:
         result, cid = self._reconcile(spec, measurements, inputs if trial else None)
         if result == "ok":
             self._trial = None
+            self._running_pcr0 = self._running_pcr0 or measurements.get("PCR0")
             if last_good is None or trial:
                 self.last_good.save(spec, measurements)
             self.status.report("running", self.config_sha256, running="current")
@@ -355,7 +357,19 @@ class Supervisor:
             record.get("CPUIDs"),
             record.get("MemoryMiB"),
         )
+        self._image_event(spec)
         return True
+
+    def _image_event(self, spec: dict[str, Any]) -> None:
+        """Log a launch of another image than the one that ran (a rollout, a fallback) as an event."""
+        try:
+            pcr0 = self.measurements(spec["eif_path"], file_key(spec["eif_path"])).get("PCR0")
+        except (EifError, OSError, ValueError):
+            return
+        old, self._running_pcr0 = self._running_pcr0, pcr0
+        if old and pcr0 and old != pcr0:
+            event = {"event": "image_change", "enclave": spec["name"], "old_pcr0": old, "new_pcr0": pcr0}
+            log.warning("enclave %s runs another image: PCR0 %s -> %s", spec["name"], old, pcr0, extra=event)
 
     def terminate(self, name: str, reason: str) -> None:
         """Terminates every enclave of that name, by id (the name may be shared after a failed launch)."""
@@ -439,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not ok:
             sys.stderr.write(f"{args.config}: {reason}\n")
         return 0 if ok else 1
-    redaction.setup(logging.INFO, "%(levelname)s %(name)s: %(message)s")  # every record masked
+    redaction.setup(logging.INFO, log_format="json")  # JSON lines, every record masked
     supervisor = Supervisor(
         config_path=args.config,
         health_port=args.health_port,

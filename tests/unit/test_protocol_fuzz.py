@@ -87,6 +87,8 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
     request["op"] = op
     for name in draw(st.lists(st.sampled_from(sorted(fields)), unique=True)) if fields else []:
         request[name] = draw(fields[name])
+    if draw(st.booleans()):
+        request["rid"] = draw(st.text(max_size=140) | anything)  # the HTTP request id, echoed when valid
     request.update(draw(st.dictionaries(st.text(max_size=6), anything, max_size=2)))
     return request
 
@@ -120,10 +122,13 @@ def _warm_up() -> None:
 
 def _assert_well_formed(answer: dict[str, Any], pans_sent: str = "") -> None:
     assert answer["v"] == 1 and isinstance(answer["ok"], bool), answer
+    rid = answer.get("rid", "")  # the request's id for logs, echoed (a string of at most 128 characters)
+    assert isinstance(rid, str) and len(rid) <= protocol.MAX_ID_LENGTH, answer
+    keys = set(answer) - {"rid"}
     if answer["ok"]:
-        assert set(answer) == {"v", "id", "ok", "result"} and isinstance(answer["result"], dict)
+        assert keys == {"v", "id", "ok", "result"} and isinstance(answer["result"], dict)
         return
-    assert set(answer) == {"v", "id", "ok", "error"} and set(answer["error"]) == {"code", "message"}
+    assert keys == {"v", "id", "ok", "error"} and set(answer["error"]) == {"code", "message"}
     code, message = answer["error"]["code"], answer["error"]["message"]
     assert CODE.fullmatch(code) and code != "internal", answer
     assert isinstance(message, str) and PAN not in message and "4111111111111112" not in message
@@ -149,6 +154,9 @@ def _expected_token(pan: Any, mode: Any) -> str | None:
 
 def _check_answer(request: dict[str, Any], answer: dict[str, Any]) -> None:
     """The protocol's promises for this request, as far as they follow from the request alone."""
+    # A request's valid "rid" may be echoed (answers of ops that ran); nothing else ever is.
+    echoed, rid = answer.get("rid"), request.get("rid")
+    assert echoed is None or (echoed == rid and type(rid) is str and len(rid) <= protocol.MAX_ID_LENGTH), answer
     _assert_well_formed(answer)
     if _non_finite(request):
         assert answer["error"]["code"] == "bad_json" and answer["id"] is None, answer
@@ -159,7 +167,7 @@ def _check_answer(request: dict[str, Any], answer: dict[str, Any]) -> None:
         if answer["ok"] and op == "detokenize" and "tokens" not in request:
             assert answer["result"] == {"pan": PAN, "last_four": "1111", "key_check": TK.key_check}
         return
-    if "pans" in request:
+    if request.get("pans") is not None:  # "pans": null is no batch (as every optional field's null)
         result = answer["result"]
         assert len(result["tokens"]) == len(request["pans"])
         assert result["tokens"] == [_expected_token(p, mode) for p in request["pans"]]

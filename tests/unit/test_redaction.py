@@ -4,7 +4,9 @@ takes (any logger, any handler, exceptions, stacks, extras, uncaught exceptions)
 from __future__ import annotations
 
 import io
+import json
 import logging
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -192,3 +194,68 @@ def test_uncaught_thread_exception_goes_through_the_masking(installed: io.String
         uncaught.removeHandler(handler)
     assert "RuntimeError: card [PAN ...1111]" in stream.getvalue()
     assert "4111111111111111" not in stream.getvalue()
+
+
+# ------------------------------------------------------------------------------ JSON lines
+
+
+def _json_setup(stream: io.StringIO, monkeypatch: pytest.MonkeyPatch, env: str | None = None) -> list[logging.Handler]:
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = []
+    if env is None:
+        monkeypatch.delenv(redaction.LOG_FORMAT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(redaction.LOG_FORMAT_ENV, env)
+    return saved
+
+
+def test_services_write_masked_json_lines_with_the_request_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    saved = _json_setup(stream, monkeypatch)
+    try:
+        redaction.setup("INFO", stream=stream)  # the services' call: default format -> JSON
+        log = logging.getLogger("enclave_tokenizer.gateway")
+        reset = redaction.request_id.set("req-42")
+        try:
+            log.info("tokenized %s", "4111111111111111", extra={"op": "tokenize", "status": 200, "duration_ms": 1.5})
+        finally:
+            redaction.request_id.reset(reset)
+        log.warning("key change", extra={"event": "key_change", "old_key_check": "aa", "pan": "5500000000000004"})
+        try:
+            raise ValueError("card 4000056655665556")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        logging.getLogger().handlers = saved
+        redaction.uninstall()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    first, second, third = lines
+    assert first["msg"] == "tokenized [PAN ...1111]" and first["level"] == "INFO"
+    assert first["request_id"] == "req-42" and first["op"] == "tokenize" and first["status"] == 200
+    assert first["duration_ms"] == 1.5 and first["host"] == socket.gethostname()
+    assert first["ts"].endswith("Z") and first["logger"] == "enclave_tokenizer.gateway"
+    assert "request_id" not in second and second["event"] == "key_change" and second["old_key_check"] == "aa"
+    assert second["pan"] == "[PAN ...0004]"
+    assert "ValueError: card [PAN ...5556]" in third["exc"]
+    for secret in ("4111111111111111", "5500000000000004", "4000056655665556"):
+        assert secret not in stream.getvalue()
+
+
+def test_tools_write_text_unless_the_env_asks_for_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    for env, is_json in ((None, False), ("json", True), ("text", False)):
+        stream = io.StringIO()
+        saved = _json_setup(stream, monkeypatch, env)
+        try:
+            redaction.setup("WARNING", "%(levelname)s %(name)s: %(message)s", stream=stream)
+            logging.getLogger("tool").warning("card %s", "4111111111111111")
+        finally:
+            logging.getLogger().handlers = saved
+            redaction.uninstall()
+        out = stream.getvalue()
+        assert out.startswith("{") is is_json, (env, out)
+        assert "[PAN ...1111]" in out and "4111111111111111" not in out
+    monkeypatch.setenv(redaction.LOG_FORMAT_ENV, "xml")
+    with pytest.raises(ValueError, match="'xml': expected 'json' or 'text'"):
+        redaction.setup("INFO")
+    redaction.uninstall()

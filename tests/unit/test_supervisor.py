@@ -85,6 +85,23 @@ def test_a_new_eif_is_a_change_of_measurements(host: FakeHost, eif: Path, tmp_pa
     assert host.enclaves()[0]["Measurements"]["PCR0"] != before
 
 
+def test_a_new_image_is_logged_as_an_event_with_both_pcr0(
+    host: FakeHost, eif: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sup = supervisor(write_config(tmp_path / "tok.json", eif))
+    sup.check()
+    assert sup.check() == "ok"
+    before = host.enclaves()[0]["Measurements"]["PCR0"]
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "image_change"]  # a first launch
+    make_eif(eif, payload=b"NEW APP")
+    with caplog.at_level("WARNING", logger="enclave-supervisor"):
+        assert sup.check() == "relaunched"
+    (event,) = [r for r in caplog.records if getattr(r, "event", None) == "image_change"]
+    after = host.enclaves()[0]["Measurements"]["PCR0"]
+    assert (event.old_pcr0, event.new_pcr0, event.enclave) == (before, after, "tok")
+    assert before in event.getMessage() and after in event.getMessage()
+
+
 def test_an_enclave_that_died_is_relaunched(host: FakeHost, eif: Path, tmp_path: Path) -> None:
     sup = supervisor(write_config(tmp_path / "tok.json", eif))
     sup.check()
