@@ -139,7 +139,7 @@ def test_metrics_options_are_checked(tmp_path: Path) -> None:
 
     config = tmp_path / "gateway.yaml"
     for text, message in (
-        ("metrics: 'yes please'", "metrics must be true or false, not 'yes please'"),
+        ("metrics: 'yes please'", "metrics='yes please': expected true or false"),
         ("metrics_self_check_interval: -1", "metrics_self_check_interval must be seconds >= 0 (0: off), not -1"),
     ):
         config.write_text(f"enclave_cid: 16\n{text}\n")
