@@ -4,7 +4,7 @@ The EIF layout, ramdisk content and measurements are nitro-cli's; the EIF/PCR co
 `nitro_module_utils.eif` (the same file the Ansible modules use). Differences from nitro-cli, all for
 reproducibility (same Docker image content + same blobs => byte-identical EIF):
 
-- ramdisks are built by `eif.write_cpio` (sorted newc with linuxkit's header fields), not by linuxkit;
+- ramdisks are built by `cpio.write_cpio` (sorted newc with linuxkit's header fields), not by linuxkit;
   the bootstrap ramdisk is linuxkit's byte for byte, the application ramdisk is gzip-compressed (mtime 0,
   no name) with mtimes 0 (every difference, with its upstream source: nitro_emulator/README.md);
 - `BuildTime` is `SOURCE_DATE_EPOCH` when set, else the image's `Created` time (nitro-cli uses "now");
@@ -35,6 +35,7 @@ from typing import Any
 from nitro_module_utils import eif
 from nitro_module_utils.eif_provenance import blob_is_placeholder
 
+from . import cpio, eif_writer
 from .errors import NitroCliError
 
 BUILD_TOOL = "nitro-cli-emulator"
@@ -187,13 +188,13 @@ def exported_rootfs(uri: str, workdir: Path) -> Iterator[tarfile.TarFile]:
         raise NitroCliError(48, f"Cannot read the exported image filesystem: {exc}") from None
 
 
-def rootfs_entries(tar: tarfile.TarFile, prefix: str = "rootfs") -> list[eif.CpioEntry]:
+def rootfs_entries(tar: tarfile.TarFile, prefix: str = "rootfs") -> list[cpio.CpioEntry]:
     """cpio entries for every member of an exported image, under `prefix/`, ownership and modes kept."""
-    entries: list[eif.CpioEntry] = []
+    entries: list[cpio.CpioEntry] = []
     seen: set[str] = set()
     for member in tar.getmembers():
         try:
-            name = eif.normalize_member_name(member.name)
+            name = cpio.normalize_member_name(member.name)
         except eif.EifError as exc:
             raise NitroCliError(48, f"Unsafe path in the image filesystem: {exc}") from None
         if name in EXPORT_EXCLUDE or any(name.startswith(x + "/") for x in EXPORT_EXCLUDE) or name in seen:
@@ -203,11 +204,11 @@ def rootfs_entries(tar: tarfile.TarFile, prefix: str = "rootfs") -> list[eif.Cpi
         perms = member.mode & 0o7777
         owner = {"uid": member.uid, "gid": member.gid}
         if name in EXPORT_REPLACE:
-            entries.append(eif.file_entry(full, EXPORT_REPLACE[name], 0o644))
+            entries.append(cpio.file_entry(full, EXPORT_REPLACE[name], 0o644))
         elif member.isdir():
-            entries.append(eif.dir_entry(full, perms, **owner))
+            entries.append(cpio.dir_entry(full, perms, **owner))
         elif member.issym():
-            entries.append(eif.CpioEntry(full, stat.S_IFLNK | 0o777, data=os.fsencode(member.linkname), **owner))
+            entries.append(cpio.CpioEntry(full, stat.S_IFLNK | 0o777, data=os.fsencode(member.linkname), **owner))
         elif member.isfile() or member.islnk():
             # Hard links become independent copies: simpler ramdisk, same content for the enclave.
             target = tar.getmember(member.linkname) if member.islnk() else member
@@ -218,20 +219,20 @@ def rootfs_entries(tar: tarfile.TarFile, prefix: str = "rootfs") -> list[eif.Cpi
                     raise NitroCliError(48, f"Cannot read {t.name} from the image filesystem.")
                 return handle
 
-            entries.append(eif.CpioEntry(full, stat.S_IFREG | perms, opener=opener, size=target.size, **owner))
+            entries.append(cpio.CpioEntry(full, stat.S_IFREG | perms, opener=opener, size=target.size, **owner))
         elif member.ischr() or member.isblk():
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
             entries.append(
-                eif.CpioEntry(full, kind | perms, rdev_major=member.devmajor, rdev_minor=member.devminor, **owner)
+                cpio.CpioEntry(full, kind | perms, rdev_major=member.devmajor, rdev_minor=member.devminor, **owner)
             )
         elif member.isfifo():
-            entries.append(eif.CpioEntry(full, stat.S_IFIFO | perms, **owner))
+            entries.append(cpio.CpioEntry(full, stat.S_IFIFO | perms, **owner))
     for directory in ROOTFS_DIRS:
         # Directories nitro-cli's linuxkit config adds; an image's own (e.g. /tmp 1777) is kept.
         if directory not in seen:
-            entries.append(eif.dir_entry(f"{prefix}/{directory}", 0o755))
+            entries.append(cpio.dir_entry(f"{prefix}/{directory}", 0o755))
     if prefix not in seen:
-        entries.append(eif.dir_entry(prefix, 0o755))
+        entries.append(cpio.dir_entry(prefix, 0o755))
     return entries
 
 
@@ -239,11 +240,11 @@ def lines_file(items: list[str]) -> bytes:
     return "".join(f"{item}\n" for item in items).encode("utf-8")
 
 
-def bootstrap_entries(blobs: Path) -> list[eif.CpioEntry]:
+def bootstrap_entries(blobs: Path) -> list[cpio.CpioEntry]:
     return [
-        eif.dir_entry("dev", 0o755),
-        eif.path_entry("init", _require_blob(blobs, "init"), 0o755),
-        eif.path_entry("nsm.ko", _require_blob(blobs, "nsm.ko"), 0o755),
+        cpio.dir_entry("dev", 0o755),
+        cpio.path_entry("init", _require_blob(blobs, "init"), 0o755),
+        cpio.path_entry("nsm.ko", _require_blob(blobs, "nsm.ko"), 0o755),
     ]
 
 
@@ -327,7 +328,7 @@ def cose_sign1(key: Any, payload: bytes) -> bytes:
     return cbor2.dumps([protected, {}, payload, r.to_bytes(size, "big") + s.to_bytes(size, "big")])
 
 
-def make_signer(cert_path: str, key_path: str) -> eif.Signer:
+def make_signer(cert_path: str, key_path: str) -> eif_writer.Signer:
     cert_pem, key = _load_signing(cert_path, key_path)
 
     def signer(pcr0: str) -> bytes:
@@ -469,19 +470,19 @@ def build_enclave(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="build-", dir=artifacts) as tmp:
         work = Path(tmp)
-        boot = eif.write_ramdisk(
-            bootstrap_entries(blobs), work / "bootstrap-initrd.img", compress=False, mtime=eif.LINUXKIT_FILES_MTIME
+        boot = cpio.write_ramdisk(
+            bootstrap_entries(blobs), work / "bootstrap-initrd.img", compress=False, mtime=cpio.LINUXKIT_FILES_MTIME
         )
         with exported_rootfs(uri, work) as tar:
             entries = rootfs_entries(tar)
-            entries += [eif.file_entry("cmd", lines_file(cmd)), eif.file_entry("env", lines_file(env))]
+            entries += [cpio.file_entry("cmd", lines_file(cmd)), cpio.file_entry("env", lines_file(env))]
             try:
-                app = eif.write_ramdisk(entries, work / "customer-initrd.img", compresslevel=APP_RAMDISK_GZIP_LEVEL)
+                app = cpio.write_ramdisk(entries, work / "customer-initrd.img", compresslevel=APP_RAMDISK_GZIP_LEVEL)
             except eif.EifError as exc:
                 raise NitroCliError(48, f"Cannot build the application ramdisk: {exc}") from None
         (work / "rootfs.tar").unlink()
         try:
-            pcrs = eif.write_eif(
+            pcrs = eif_writer.write_eif(
                 output,
                 kernel=kernel,
                 cmdline=cmdline,

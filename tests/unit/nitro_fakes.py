@@ -166,7 +166,8 @@ elif cmd == "terminate-enclave":
         save()
         print(json.dumps({"EnclaveName": match[0]["EnclaveName"], "EnclaveID": eid, "Terminated": True}, indent=2))
 elif cmd == "build-enclave":
-    from nitro_module_utils.eif import write_eif, make_metadata
+    from nitro_emulator.eif_writer import write_eif
+    from nitro_module_utils.eif import make_metadata
     uri = opt("--docker-uri")
     images = json.load(open(os.environ["FAKE_DOCKER_IMAGES"]))
     if opt("--docker-dir"):
@@ -249,7 +250,9 @@ class FakeHost:
 
 
 def make_eif(path: Path, payload: bytes = b"APP", size_pad: int = 0) -> dict[str, str]:
-    from nitro_module_utils.eif import make_metadata, write_eif
+    from nitro_module_utils.eif import make_metadata
+
+    from nitro_emulator.eif_writer import write_eif
 
     info = {
         "BuildTime": "1970-01-01T00:00:00+00:00",

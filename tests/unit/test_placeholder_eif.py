@@ -18,7 +18,7 @@ from nitro_module_utils.eif_provenance import (
     require_runnable_here,
 )
 
-from nitro_emulator import build
+from nitro_emulator import build, eif_writer
 
 ENCLAVE = load_module("nitro_enclave")
 NITRO_EIF = load_module("nitro_eif")
@@ -34,7 +34,7 @@ INFO = {
 
 def write(path: Path, *, kernel: bytes = b"REAL-LOOKING-KERNEL", flag: bool = False) -> Path:
     metadata = eif.make_metadata("t", "1.0", INFO, placeholder_blobs=flag)
-    eif.write_eif(path, kernel=kernel, cmdline="console=ttyS0", ramdisks=[b"BOOT", b"APP"], metadata=metadata)
+    eif_writer.write_eif(path, kernel=kernel, cmdline="console=ttyS0", ramdisks=[b"BOOT", b"APP"], metadata=metadata)
     return path
 
 

@@ -1,0 +1,179 @@
+"""Write EIF v4 files in nitro-cli's layout (reference nitro-cli-and-eif.md §1.5, §1.9).
+
+Only the emulator builds images; the reader and the PCR formulas it measures with are in
+nitro_module_utils.eif, so what is written is measured by the very code that later reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from nitro_module_utils.eif import (
+    CHUNK_SIZE,
+    CRC_OFFSET,
+    EIF_HDR_ARCH_ARM64,
+    HEADER_SIZE,
+    MAX_NUM_SECTIONS,
+    SECTION_HEADER_SIZE,
+    SECTION_STRUCT,
+    SIGNATURE_MAX_SIZE,
+    EifError,
+    EifHeader,
+    Measurer,
+    SectionType,
+    decode_signature_section,
+    metadata_bytes,
+    parse_metadata,
+    pcr8_from_certificate,
+    use_parallel,
+)
+
+Source = bytes | bytearray | memoryview | str | os.PathLike[str]
+
+
+def _source_size(source: Source) -> int:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return len(source)
+    try:
+        return os.stat(source).st_size
+    except OSError as exc:
+        raise EifError(f"cannot read {source}: {exc.strerror or exc}") from None
+
+
+def _source_chunks(source: Source, size: int) -> Iterator[bytes]:
+    if isinstance(source, bytes | bytearray | memoryview):
+        view = memoryview(source)
+        for start in range(0, len(view), CHUNK_SIZE):
+            yield bytes(view[start : start + CHUNK_SIZE])
+        return
+    left = size
+    with open(source, "rb") as handle:
+        while left:
+            chunk = handle.read(min(CHUNK_SIZE, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            yield chunk
+        if left or handle.read(1):
+            raise EifError(f"{source} changed size while the EIF was written")
+
+
+Signer = Callable[[str], bytes]
+
+
+def _stream_sections(
+    plan: Sequence[tuple[SectionType, Source]], sizes: Sequence[int], measurer: Measurer, out: IO[bytes] | None
+) -> None:
+    """Feed (and write, when `out` is given) section headers and data in file order."""
+    seen_ramdisk = False
+    for (kind, src), size in zip(plan, sizes, strict=True):
+        section_header = SECTION_STRUCT.pack(kind, 0, size)
+        if out is not None:
+            out.write(section_header)
+        measurer.raw(section_header)
+        first = kind == SectionType.RAMDISK and not seen_ramdisk
+        for chunk in _source_chunks(src, size):
+            if out is not None:
+                out.write(chunk)
+            measurer.section_data(kind, first, chunk)
+        seen_ramdisk = seen_ramdisk or kind == SectionType.RAMDISK
+
+
+def write_eif(
+    dest: str | os.PathLike[str],
+    *,
+    kernel: Source,
+    cmdline: str | bytes,
+    ramdisks: Sequence[Source],
+    metadata: Mapping[str, Any] | bytes,
+    flags: int = 0,
+    signer: Signer | None = None,
+    parallel: bool | None = None,
+) -> dict[str, str]:
+    """Write an EIF v4 in nitro-cli's layout: kernel, cmdline, metadata, ramdisks..., [signature].
+
+    kernel / ramdisks: bytes or a path (streamed). metadata: the identity dict (serialized like nitro-cli)
+    or ready JSON bytes. signer(pcr0_hex) returns the signature section bytes (e.g. from
+    `encode_signature_section`). The file is written next to `dest` and renamed into place.
+    Returns the PCRs (PCR0, PCR1, PCR2 and PCR8 when signed).
+    """
+    dest = Path(dest)
+    cmdline_bytes = cmdline.encode("utf-8") if isinstance(cmdline, str) else bytes(cmdline)
+    if b"\0" in cmdline_bytes:
+        raise EifError("cmdline contains a NUL byte")
+    if not ramdisks:
+        raise EifError("an EIF needs at least one ramdisk")
+    meta = bytes(metadata) if isinstance(metadata, bytes | bytearray) else metadata_bytes(metadata)
+    parse_metadata(meta)
+    plan: list[tuple[SectionType, Source]] = [
+        (SectionType.KERNEL, kernel),
+        (SectionType.CMDLINE, cmdline_bytes),
+        (SectionType.METADATA, meta),
+        *((SectionType.RAMDISK, r) for r in ramdisks),
+    ]
+    sizes = [_source_size(src) for _, src in plan]
+    if len(plan) + (1 if signer else 0) > MAX_NUM_SECTIONS:
+        raise EifError(f"too many sections ({len(plan)}); an EIF holds at most {MAX_NUM_SECTIONS}")
+    total = sum(sizes)
+    threaded = use_parallel(parallel, total)
+    pcrs: dict[str, str] = {}
+    if signer is not None:
+        # The signature section's size is in the header (and the CRC starts with the header), so the
+        # PCR0 it signs must be known before writing: measure the inputs in a first pass.
+        probe = Measurer(threaded)
+        try:
+            _stream_sections(plan, sizes, probe, None)
+        finally:
+            probe.close()
+        signature = signer(probe.pcrs()["PCR0"])
+        if len(signature) > SIGNATURE_MAX_SIZE:
+            raise EifError(f"signature section is {len(signature)} bytes (max {SIGNATURE_MAX_SIZE})")
+        signatures = decode_signature_section(signature)
+        pcrs["PCR8"] = pcr8_from_certificate(signatures[0].signing_certificate)
+        plan.append((SectionType.SIGNATURE, signature))
+        sizes.append(len(signature))
+
+    offsets, pos = [], HEADER_SIZE
+    for size in sizes:
+        offsets.append(pos)
+        pos += SECTION_HEADER_SIZE + size
+    pad = MAX_NUM_SECTIONS - len(plan)
+    header = EifHeader(
+        flags=flags,
+        num_sections=len(plan),
+        section_offsets=tuple(offsets) + (0,) * pad,
+        section_sizes=tuple(sizes) + (0,) * pad,
+    )
+    raw_header = header.pack()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        measurer = Measurer(threaded)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(raw_header)
+                measurer.raw(raw_header[:CRC_OFFSET])
+                _stream_sections(plan, sizes, measurer, out)
+                measurer.close()
+                out.seek(CRC_OFFSET)
+                out.write(struct.pack(">I", measurer.crc.value))
+        finally:
+            measurer.close()
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, dest)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    pcrs.update(measurer.pcrs())
+    return {k: pcrs[k] for k in ("PCR0", "PCR1", "PCR2", "PCR8") if k in pcrs}
+
+
+def host_eif_flags() -> int:
+    """Header flags for the build host's architecture (nitro-cli picks the kernel blob the same way)."""
+    return EIF_HDR_ARCH_ARM64 if platform.machine().lower() in ("aarch64", "arm64") else 0
