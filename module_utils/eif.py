@@ -148,6 +148,11 @@ def pcr8_from_certificate(pem: bytes | str) -> str:
     return pcr_of_bytes(pem_to_der(pem))
 
 
+def certificate_sha384(pem: bytes | str) -> str:
+    """SHA-384 fingerprint of a PEM certificate (over its DER), lowercase hex; PCR8 is the extend of it."""
+    return hashlib.sha384(pem_to_der(pem)).hexdigest()
+
+
 def measurements_dict(pcrs: Mapping[str, str]) -> dict[str, str]:
     """nitro-cli's Measurements map (BTreeMap order: HashAlgorithm, PCR0, PCR1, PCR2[, PCR8])."""
     out = {"HashAlgorithm": HASH_ALGORITHM}

@@ -35,7 +35,7 @@ from typing import Any
 from nitro_module_utils import eif
 from nitro_module_utils.eif_provenance import blob_is_placeholder
 
-from . import cpio, eif_writer
+from . import cpio, eif_writer, signing
 from .errors import NitroCliError
 
 BUILD_TOOL = "nitro-cli-emulator"
@@ -284,142 +284,14 @@ def custom_metadata(path: str | None) -> Any:
         raise NitroCliError(48, f"Metadata file '{path}' is not valid JSON: {exc}") from None
 
 
-# ------------------------------------------------------------------------------------------------ signing
-
-
-def _load_signing(cert_path: str, key_path: str) -> tuple[bytes, Any]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    try:
-        cert_pem = Path(cert_path).read_bytes()
-        key_pem = Path(key_path).read_bytes()
-    except OSError as exc:
-        raise NitroCliError(60, f"Could not read signing info: {exc}") from None
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise NitroCliError(60, f"Could not read signing info: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in _CURVES:
-        raise NitroCliError(60, "Only EC P-256, P-384 and P-521 private keys can sign an EIF.")
-    if cert.public_key() != key.public_key():
-        raise NitroCliError(60, "The signing certificate does not match the private key.")
-    return cert_pem, key
-
-
-# curve -> (COSE alg, hash name, coordinate size)
-_CURVES = {"secp256r1": (-7, "SHA256", 32), "secp384r1": (-35, "SHA384", 48), "secp521r1": (-36, "SHA512", 66)}
-_ALGS = {alg: (curve, hname, size) for curve, (alg, hname, size) in _CURVES.items()}
-
-
-def cose_sign1(key: Any, payload: bytes) -> bytes:
-    """Untagged COSE_Sign1 [protected {1: alg}, {}, payload, r||s] as aws-nitro-enclaves-cose writes it."""
-    import cbor2
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-
-    alg, hash_name, size = _CURVES[key.curve.name]
-    protected = cbor2.dumps({1: alg})
-    to_sign = cbor2.dumps(["Signature1", protected, b"", payload])
-    r, s = decode_dss_signature(key.sign(to_sign, ec.ECDSA(getattr(hashes, hash_name)())))
-    return cbor2.dumps([protected, {}, payload, r.to_bytes(size, "big") + s.to_bytes(size, "big")])
-
-
-def make_signer(cert_path: str, key_path: str) -> eif_writer.Signer:
-    cert_pem, key = _load_signing(cert_path, key_path)
-
-    def signer(pcr0: str) -> bytes:
-        cose = cose_sign1(key, eif.pcr_info_payload(pcr0))
-        return eif.encode_signature_section([eif.PcrSignature(cert_pem, cose)])
-
-    return signer
-
-
-def verify_cose_sign1(cose: bytes, public_key: Any) -> bytes:
-    """Check the COSE_Sign1 signature with the certificate's key; return the payload. EifError if invalid."""
-    import cbor2
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
-    try:
-        value = cbor2.loads(cose)
-        if isinstance(value, cbor2.CBORTag):
-            value = value.value
-        protected, _unprotected, payload, signature = value
-        alg = cbor2.loads(protected)[1]
-    except (cbor2.CBORDecodeError, ValueError, TypeError, KeyError, IndexError):
-        raise eif.EifError("The EIF signature is not a valid COSE_Sign1 structure") from None
-    if alg not in _ALGS or not isinstance(public_key, ec.EllipticCurvePublicKey):
-        raise eif.EifError(f"Unsupported EIF signature algorithm {alg!r}")
-    curve, hash_name, size = _ALGS[alg]
-    if public_key.curve.name != curve or len(signature) != 2 * size:
-        raise eif.EifError("The EIF signature algorithm does not match the signing certificate's key")
-    r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
-    to_verify = cbor2.dumps(["Signature1", protected, b"", payload])
-    try:
-        public_key.verify(encode_dss_signature(r, s), to_verify, ec.ECDSA(getattr(hashes, hash_name)()))
-    except InvalidSignature:
-        raise eif.EifError("The EIF signature is not valid") from None
-    return payload
-
-
-_LONG_NAMES = {
-    "2.5.4.3": "commonName",
-    "2.5.4.6": "countryName",
-    "2.5.4.7": "localityName",
-    "2.5.4.8": "stateOrProvinceName",
-    "2.5.4.10": "organizationName",
-    "2.5.4.11": "organizationalUnitName",
-    "1.2.840.113549.1.9.1": "emailAddress",
-    "2.5.4.5": "serialNumber",
-    "0.9.2342.19200300.100.1.25": "domainComponent",
-}
-_SIG_LONG_NAMES = {
-    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256",
-    "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
-    "1.2.840.10045.4.3.4": "ecdsa-with-SHA512",
-    "1.2.840.113549.1.1.11": "sha256WithRSAEncryption",
-    "1.2.840.113549.1.1.12": "sha384WithRSAEncryption",
-    "1.2.840.113549.1.1.13": "sha512WithRSAEncryption",
-}
-
-
-def _asn1_time(when: dt.datetime) -> str:
-    """OpenSSL ASN1_TIME_print: `Jan  5 12:00:00 2025 GMT`."""
-    return f"{when:%b} {when.day:>2} {when:%H:%M:%S} {when.year} GMT"
-
-
-def certificate_inspector(signature: eif.PcrSignature, pcr0: str) -> tuple[dict[str, Any], bool]:
-    """describe-eif's SigningCertificate object and SignatureCheck (payload == PcrInfo of PCR0 now)."""
-    from cryptography import x509
-
-    try:
-        cert = x509.load_pem_x509_certificate(signature.signing_certificate)
-    except ValueError as exc:
-        raise eif.EifError(f"The signing certificate cannot be parsed: {exc}") from None
-    payload = verify_cose_sign1(signature.signature, cert.public_key())
-    issuer = {}
-    for attribute in cert.issuer:
-        oid = attribute.oid.dotted_string
-        value = attribute.value if isinstance(attribute.value, str) else attribute.value.hex()
-        issuer[_LONG_NAMES.get(oid, oid)] = value.replace('"', "")
-    algorithm = cert.signature_algorithm_oid.dotted_string
-    info = {
-        "IssuerName": {k: issuer[k] for k in sorted(issuer)},
-        "Algorithm": _SIG_LONG_NAMES.get(algorithm, algorithm),
-        "NotBefore": _asn1_time(cert.not_valid_before_utc),
-        "NotAfter": _asn1_time(cert.not_valid_after_utc),
-        "Signature": ":".join(f"{b:02X}" for b in cert.signature),
-    }
-    return info, payload == eif.pcr_info_payload(pcr0)
-
-
 # ------------------------------------------------------------------------------------------------ commands
+
+
+def _signer(cert_path: str, key_location: str) -> eif_writer.Signer:
+    try:
+        return signing.make_signer(cert_path, key_location)
+    except signing.SigningError as exc:
+        raise NitroCliError(60, f"Could not read signing info: {exc}") from None
 
 
 def build_enclave(args: argparse.Namespace) -> int:
@@ -445,7 +317,7 @@ def build_enclave(args: argparse.Namespace) -> int:
     for name in ("init", "nsm.ko", "linuxkit"):
         _require_blob(blobs, name)
     artifacts = artifacts_dir()
-    signer = make_signer(args.signing_certificate, args.private_key) if args.signing_certificate else None
+    signer = _signer(args.signing_certificate, args.private_key) if args.signing_certificate else None
     custom = custom_metadata(getattr(args, "metadata", None))
 
     uri = normalize_uri(args.docker_uri)
@@ -502,10 +374,30 @@ def build_enclave(args: argparse.Namespace) -> int:
 
 def describe_eif(args: argparse.Namespace) -> int:
     try:
-        described = eif.describe_eif(args.eif_path, certificate_inspector=certificate_inspector)
+        described = eif.describe_eif(args.eif_path, certificate_inspector=signing.certificate_inspector)
     except eif.EifError as exc:
         raise NitroCliError(35, str(exc)) from None
     _print_json(described)
+    return 0
+
+
+def sign_eif(args: argparse.Namespace) -> int:
+    """nitro-cli sign-eif (CLI src/lib.rs sign_eif): sign, then print the Measurements of the result."""
+    if not args.eif_path:
+        raise NitroCliError(1, "eif-path")
+    if not (args.signing_certificate and args.private_key):
+        raise NitroCliError(60, "Failed to create EifSigner")
+    try:
+        signer = signing.make_signer(args.signing_certificate, args.private_key)
+    except signing.SigningError as exc:
+        sys.stderr.write(f"Could not read signing info: {exc}\n")
+        raise NitroCliError(60, "Failed to create EifSigner") from None
+    try:
+        pcrs = eif_writer.sign_eif_file(args.eif_path, signer)
+    except (eif.EifError, signing.SigningError, OSError) as exc:
+        raise NitroCliError(60, f"Failed to sign image: {exc}") from None
+    _progress("Enclave Image successfully signed.")
+    _print_json({"Measurements": eif.measurements_dict(pcrs)})
     return 0
 
 

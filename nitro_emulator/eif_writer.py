@@ -11,6 +11,7 @@ import platform
 import struct
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +32,7 @@ from nitro_module_utils.eif import (
     metadata_bytes,
     parse_metadata,
     pcr8_from_certificate,
+    read_eif,
     use_parallel,
 )
 
@@ -177,3 +179,63 @@ def write_eif(
 def host_eif_flags() -> int:
     """Header flags for the build host's architecture (nitro-cli picks the kernel blob the same way)."""
     return EIF_HDR_ARCH_ARM64 if platform.machine().lower() in ("aarch64", "arm64") else 0
+
+
+def _copy_range(src: IO[bytes], start: int, length: int, out: IO[bytes]) -> None:
+    src.seek(start)
+    while length:
+        chunk = src.read(min(CHUNK_SIZE, length))
+        if not chunk:
+            raise EifError("EIF changed size while it was signed")
+        out.write(chunk)
+        length -= len(chunk)
+
+
+def sign_eif_file(path: str | os.PathLike[str], signer: Signer) -> dict[str, str]:
+    """`nitro-cli sign-eif`: add or replace the signature section of an existing EIF (reference §3.4).
+
+    As image-format's EifSigner::sign_image: sign PCR0; an unsigned image gets the section appended at
+    the end of file in header slot `num_sections`; a signed one has its section replaced in place and the
+    later sections' offsets shifted; then the CRC is recomputed over the result. Unlike the crate, the new
+    file is written next to the old one and renamed over it, so a failure leaves the original intact.
+    Returns the new PCRs (PCR8 included).
+    """
+    path = Path(path)
+    image = read_eif(path)
+    section = signer(image.pcrs["PCR0"])
+    if len(section) > SIGNATURE_MAX_SIZE:
+        raise EifError(f"signature section is {len(section)} bytes (max {SIGNATURE_MAX_SIZE})")
+    header = image.header
+    offsets, sizes = list(header.section_offsets), list(header.section_sizes)
+    old = next((s for s in image.sections if s.type == SectionType.SIGNATURE), None)
+    if old is None:
+        if header.num_sections >= MAX_NUM_SECTIONS:
+            raise EifError(f"no free section slot: the EIF already has {MAX_NUM_SECTIONS} sections")
+        cut, resume = image.file_size, image.file_size
+        offsets[header.num_sections], sizes[header.num_sections] = image.file_size, len(section)
+        num = header.num_sections + 1
+    else:
+        cut, resume = old.offset, old.offset + SECTION_HEADER_SIZE + old.size
+        delta = len(section) - old.size
+        sizes[old.index] = len(section)
+        for later in range(old.index + 1, header.num_sections):
+            offsets[later] += delta
+        num = header.num_sections
+    new_header = replace(header, num_sections=num, section_offsets=tuple(offsets), section_sizes=tuple(sizes), crc32=0)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w+b") as out, open(path, "rb") as src:
+            out.write(new_header.pack())
+            _copy_range(src, HEADER_SIZE, cut - HEADER_SIZE, out)
+            out.write(SECTION_STRUCT.pack(SectionType.SIGNATURE, 0, len(section)) + section)
+            _copy_range(src, resume, image.file_size - resume, out)
+            out.flush()
+            signed = read_eif(tmp_name, check_crc=False)  # the CRC, computed by the reader (update_crc)
+            out.seek(CRC_OFFSET)
+            out.write(struct.pack(">I", signed.crc_computed))
+        os.chmod(tmp_name, os.stat(path).st_mode & 0o7777)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return {k: signed.pcrs[k] for k in ("PCR0", "PCR1", "PCR2", "PCR8") if k in signed.pcrs}

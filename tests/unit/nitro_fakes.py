@@ -3,6 +3,7 @@ small EIFs, and running a module's main() under ansible-core's patch_module_args
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import json
 import os
@@ -299,3 +300,39 @@ def run_module(module: Any, args: dict[str, Any], capsys: pytest.CaptureFixture[
     result = json.loads(out)
     result["rc_exit"] = exc.value.code
     return result
+
+
+def make_cert(
+    tmp_path: Path,
+    name: str = "publisher",
+    *,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    curve: Any = None,
+) -> tuple[Path, Path]:
+    """A self-signed EIF signing certificate and its PEM key, as `openssl req -x509` with a secp384r1 key
+    makes them (the AWS docs' recipe for PCR8); returns (certificate path, key path)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    key = ec.generate_private_key(curve or ec.SECP384R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"), x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - dt.timedelta(days=1))
+        .not_valid_after(not_after or now + dt.timedelta(days=30))
+        .sign(key, hashes.SHA384())
+    )
+    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
