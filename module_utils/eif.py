@@ -180,6 +180,11 @@ def _cbor_text(text: str) -> bytes:
     return _cbor_head(3, len(raw)) + raw
 
 
+def cbor_bytes(data: bytes) -> bytes:
+    """A CBOR byte string (major type 2), as COSE encodes its bstr fields."""
+    return _cbor_head(2, len(data)) + data
+
+
 def _cbor_byte_array(data: bytes) -> bytes:
     return _cbor_head(4, len(data)) + b"".join(_cbor_head(0, b) for b in data)
 
@@ -275,6 +280,15 @@ class _CborReader:
         if major == 7 and arg in (20, 21, 22):
             return {20: False, 21: True, 22: None}[arg]
         raise EifError(f"signature section: unsupported CBOR major type {major}")
+
+
+def cbor_value(data: bytes) -> Any:
+    """Decode one CBOR value of the subset EIF signatures use; EifError on anything else or trailing bytes."""
+    reader = _CborReader(data)
+    value = reader.value()
+    if reader.pos != len(data):
+        raise EifError(f"{len(data) - reader.pos} trailing bytes after the CBOR value")
+    return value
 
 
 def _byte_array(value: Any, what: str) -> bytes:
