@@ -459,7 +459,12 @@ def signed(module: AnsibleModule) -> None:
         if module._diff:
             result["diff"] = {"before": {"PCR8": info.get("pcr8")}, "after": {"PCR8": wanted}, "before_header": path}
     if done or module.check_mode:
-        result["measurements"] = {**image.measurements, "PCR8": wanted}
+        result.update(
+            measurements={**image.measurements, "PCR8": wanted},
+            eif_sha384=image.file_sha384,
+            size=image.file_size,
+            min_memory_mib=min_memory_mib(image.file_size),
+        )
         module.exit_json(**result)
     before_sha384 = image.file_sha384
     try:

@@ -307,3 +307,45 @@ def test_kms_arn_is_recognised_as_upstream_does() -> None:
     assert signing.KMS_KEY_ARN.match(good.replace("key/", "key:"))
     for bad in ("arn:aws:kms:eu-west-1:12345:key/x", "arn:aws:s3:eu-west-1:123456789012:key/x", "/tmp/key.pem"):
         assert not signing.KMS_KEY_ARN.match(bad)
+
+
+def test_attestation_verifier_checks_pcr8_against_certificates(tmp_path: Path) -> None:
+    """An enclave of an EIF signed by `cert` attests PCR8 = the certificate's; the verifier (library and
+    nitro-attest --signing-certificate) accepts it for that certificate, or any of several, and no other."""
+    from enclave_tokenizer import attestation, attestation_cli
+
+    from nitro_emulator.nsm import build_attestation_document, emulator_root_pem
+
+    cert, _key = make_cert(tmp_path, "publisher")
+    other, _ = make_cert(tmp_path, "other")
+    pcr8 = attestation.pcr8_of_certificate(cert)
+    assert pcr8 == eif.pcr8_from_certificate(cert.read_bytes())
+    home = tmp_path / "emu"
+    pcrs = {0: b"\x10" * 48, 1: b"\x11" * 48, 2: b"\x12" * 48, 8: bytes.fromhex(pcr8)}
+    doc = build_attestation_document(pcrs, "i-0123456789abcdef0-enc0123456789abcdef", home=home)
+    root = emulator_root_pem(home)
+    ok = attestation.verify_attestation_document(doc, root_pem=root, signer_pcr8=[pcr8.upper()])
+    assert ok.pcrs[8].hex() == pcr8
+    with pytest.raises(attestation.AttestationError) as refused:
+        attestation.verify_attestation_document(
+            doc, root_pem=root, signer_pcr8=[attestation.pcr8_of_certificate(other)]
+        )
+    assert refused.value.check == "pcr" and f"PCR8 is {pcr8}" in refused.value.message
+    (tmp_path / "doc.cbor").write_bytes(doc)
+    (tmp_path / "root.pem").write_bytes(root)
+    argv = ["verify", str(tmp_path / "doc.cbor"), "--root", str(tmp_path / "root.pem")]
+    assert (
+        run_cli_attest(
+            attestation_cli, [*argv, "--signing-certificate", str(other), "--signing-certificate", str(cert)]
+        )
+        == 0
+    )
+    assert run_cli_attest(attestation_cli, [*argv, "--signing-certificate", str(other)]) == 1
+    (tmp_path / "junk.pem").write_text("junk")
+    assert run_cli_attest(attestation_cli, [*argv, "--signing-certificate", str(tmp_path / "junk.pem")]) == 2
+
+
+def run_cli_attest(module: object, argv: list[str]) -> int:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        return module.main(argv)  # type: ignore[attr-defined]
