@@ -9,8 +9,8 @@
 - A key is a local PEM EC private key or a KMS key ARN (the crate's `parse_kms_arn`); KMS signs the
   SHA-384 digest of the COSE Sig_structure with MessageType DIGEST, as aws-nitro-enclaves-cose's KmsKey
   does, and the DER signature it returns becomes r||s.
-- Checks (`PcrSignatureChecker::verify`, `get_certificate_info`) are done with pycose, an implementation
-  independent of the writer here, so a writer bug cannot hide behind a matching verifier bug.
+- Checks (`PcrSignatureChecker::verify`, `get_certificate_info`) use cbor2 + cryptography (hosts have no
+  pycose); tests/unit/test_eif_signing.py checks the written images with pycose, independently.
 """
 
 from __future__ import annotations
@@ -169,25 +169,36 @@ def make_signer(cert_path: str, key_location: str) -> Callable[[str], bytes]:
 
 
 def cose_payload(cose: bytes, public_key: Any) -> bytes:
-    """Verify the COSE_Sign1 with the certificate's key (pycose); return its payload. EifError if invalid."""
+    """Verify the COSE_Sign1 with the certificate's key; return its payload. EifError if invalid.
+
+    cbor2 + cryptography only: hosts run this (run-enclave) and have no pycose; the tests check the same
+    images with pycose independently.
+    """
     import cbor2
-    from cryptography.hazmat.primitives import serialization
-    from pycose.keys import CoseKey
-    from pycose.messages import Sign1Message
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
     try:
         value = cbor2.loads(cose)
         if isinstance(value, cbor2.CBORTag):
             value = value.value
-        message = Sign1Message.from_cose_obj(list(value), True)
-        pem = public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        message.key = CoseKey.from_pem_public_key(pem.decode("ascii"))
-        valid = message.verify_signature()
-    except Exception as exc:  # pycose raises a zoo of types for malformed structures
-        raise eif.EifError(f"Could not verify EIF signature: {type(exc).__name__}") from None
-    if not valid:
+        protected, _unprotected, payload, signature = value
+        alg = cbor2.loads(protected)[1]
+    except (cbor2.CBORDecodeError, ValueError, TypeError, KeyError, IndexError):
+        raise eif.EifError("Could not deserialize the signature") from None
+    curve = next((name for name, (cose_alg, *_rest) in CURVES.items() if cose_alg == alg), None)
+    if curve is None or not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != curve:
         raise eif.EifError("The EIF signature is not valid")
-    return bytes(message.payload or b"")
+    size = CURVES[curve][2]
+    if not isinstance(signature, bytes) or len(signature) != 2 * size or not isinstance(payload, bytes):
+        raise eif.EifError("The EIF signature is not valid")
+    der = encode_dss_signature(int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big"))
+    try:
+        public_key.verify(der, cbor2.dumps(["Signature1", protected, b"", payload]), ec.ECDSA(_hash(curve)))
+    except InvalidSignature:
+        raise eif.EifError("The EIF signature is not valid") from None
+    return payload
 
 
 def check_signature(signature: eif.PcrSignature, now: dt.datetime | None = None) -> Any:
