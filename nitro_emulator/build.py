@@ -4,7 +4,7 @@ The EIF layout, ramdisk content and measurements are nitro-cli's; the EIF/PCR co
 `plugins/module_utils/eif.py` (the same file the Ansible modules use). Differences from nitro-cli, all for
 reproducibility (same Docker image content + same blobs => byte-identical EIF):
 
-- ramdisks are built by `eif.write_cpio` (sorted newc with linuxkit's header fields), not by linuxkit;
+- ramdisks are built by `cpio.write_cpio` (sorted newc with linuxkit's header fields), not by linuxkit;
   the bootstrap ramdisk is linuxkit's byte for byte, the application ramdisk is gzip-compressed (mtime 0,
   no name) with mtimes 0 (every difference, with its upstream source: nitro_emulator/README.md);
 - `BuildTime` is `SOURCE_DATE_EPOCH` when set, else the image's `Created` time (nitro-cli uses "now");
@@ -35,6 +35,7 @@ from typing import Any
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif_provenance import blob_is_placeholder
 
+from . import cpio, eif_writer, signing
 from .errors import NitroCliError
 
 BUILD_TOOL = "nitro-cli-emulator"
@@ -187,13 +188,13 @@ def exported_rootfs(uri: str, workdir: Path) -> Iterator[tarfile.TarFile]:
         raise NitroCliError(48, f"Cannot read the exported image filesystem: {exc}") from None
 
 
-def rootfs_entries(tar: tarfile.TarFile, prefix: str = "rootfs") -> list[eif.CpioEntry]:
+def rootfs_entries(tar: tarfile.TarFile, prefix: str = "rootfs") -> list[cpio.CpioEntry]:
     """cpio entries for every member of an exported image, under `prefix/`, ownership and modes kept."""
-    entries: list[eif.CpioEntry] = []
+    entries: list[cpio.CpioEntry] = []
     seen: set[str] = set()
     for member in tar.getmembers():
         try:
-            name = eif.normalize_member_name(member.name)
+            name = cpio.normalize_member_name(member.name)
         except eif.EifError as exc:
             raise NitroCliError(48, f"Unsafe path in the image filesystem: {exc}") from None
         if name in EXPORT_EXCLUDE or any(name.startswith(x + "/") for x in EXPORT_EXCLUDE) or name in seen:
@@ -203,11 +204,11 @@ def rootfs_entries(tar: tarfile.TarFile, prefix: str = "rootfs") -> list[eif.Cpi
         perms = member.mode & 0o7777
         owner = {"uid": member.uid, "gid": member.gid}
         if name in EXPORT_REPLACE:
-            entries.append(eif.file_entry(full, EXPORT_REPLACE[name], 0o644))
+            entries.append(cpio.file_entry(full, EXPORT_REPLACE[name], 0o644))
         elif member.isdir():
-            entries.append(eif.dir_entry(full, perms, **owner))
+            entries.append(cpio.dir_entry(full, perms, **owner))
         elif member.issym():
-            entries.append(eif.CpioEntry(full, stat.S_IFLNK | 0o777, data=os.fsencode(member.linkname), **owner))
+            entries.append(cpio.CpioEntry(full, stat.S_IFLNK | 0o777, data=os.fsencode(member.linkname), **owner))
         elif member.isfile() or member.islnk():
             # Hard links become independent copies: simpler ramdisk, same content for the enclave.
             target = tar.getmember(member.linkname) if member.islnk() else member
@@ -218,20 +219,20 @@ def rootfs_entries(tar: tarfile.TarFile, prefix: str = "rootfs") -> list[eif.Cpi
                     raise NitroCliError(48, f"Cannot read {t.name} from the image filesystem.")
                 return handle
 
-            entries.append(eif.CpioEntry(full, stat.S_IFREG | perms, opener=opener, size=target.size, **owner))
+            entries.append(cpio.CpioEntry(full, stat.S_IFREG | perms, opener=opener, size=target.size, **owner))
         elif member.ischr() or member.isblk():
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
             entries.append(
-                eif.CpioEntry(full, kind | perms, rdev_major=member.devmajor, rdev_minor=member.devminor, **owner)
+                cpio.CpioEntry(full, kind | perms, rdev_major=member.devmajor, rdev_minor=member.devminor, **owner)
             )
         elif member.isfifo():
-            entries.append(eif.CpioEntry(full, stat.S_IFIFO | perms, **owner))
+            entries.append(cpio.CpioEntry(full, stat.S_IFIFO | perms, **owner))
     for directory in ROOTFS_DIRS:
         # Directories nitro-cli's linuxkit config adds; an image's own (e.g. /tmp 1777) is kept.
         if directory not in seen:
-            entries.append(eif.dir_entry(f"{prefix}/{directory}", 0o755))
+            entries.append(cpio.dir_entry(f"{prefix}/{directory}", 0o755))
     if prefix not in seen:
-        entries.append(eif.dir_entry(prefix, 0o755))
+        entries.append(cpio.dir_entry(prefix, 0o755))
     return entries
 
 
@@ -239,11 +240,11 @@ def lines_file(items: list[str]) -> bytes:
     return "".join(f"{item}\n" for item in items).encode("utf-8")
 
 
-def bootstrap_entries(blobs: Path) -> list[eif.CpioEntry]:
+def bootstrap_entries(blobs: Path) -> list[cpio.CpioEntry]:
     return [
-        eif.dir_entry("dev", 0o755),
-        eif.path_entry("init", _require_blob(blobs, "init"), 0o755),
-        eif.path_entry("nsm.ko", _require_blob(blobs, "nsm.ko"), 0o755),
+        cpio.dir_entry("dev", 0o755),
+        cpio.path_entry("init", _require_blob(blobs, "init"), 0o755),
+        cpio.path_entry("nsm.ko", _require_blob(blobs, "nsm.ko"), 0o755),
     ]
 
 
@@ -283,142 +284,14 @@ def custom_metadata(path: str | None) -> Any:
         raise NitroCliError(48, f"Metadata file '{path}' is not valid JSON: {exc}") from None
 
 
-# ------------------------------------------------------------------------------------------------ signing
-
-
-def _load_signing(cert_path: str, key_path: str) -> tuple[bytes, Any]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    try:
-        cert_pem = Path(cert_path).read_bytes()
-        key_pem = Path(key_path).read_bytes()
-    except OSError as exc:
-        raise NitroCliError(60, f"Could not read signing info: {exc}") from None
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise NitroCliError(60, f"Could not read signing info: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in _CURVES:
-        raise NitroCliError(60, "Only EC P-256, P-384 and P-521 private keys can sign an EIF.")
-    if cert.public_key() != key.public_key():
-        raise NitroCliError(60, "The signing certificate does not match the private key.")
-    return cert_pem, key
-
-
-# curve -> (COSE alg, hash name, coordinate size)
-_CURVES = {"secp256r1": (-7, "SHA256", 32), "secp384r1": (-35, "SHA384", 48), "secp521r1": (-36, "SHA512", 66)}
-_ALGS = {alg: (curve, hname, size) for curve, (alg, hname, size) in _CURVES.items()}
-
-
-def cose_sign1(key: Any, payload: bytes) -> bytes:
-    """Untagged COSE_Sign1 [protected {1: alg}, {}, payload, r||s] as aws-nitro-enclaves-cose writes it."""
-    import cbor2
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-
-    alg, hash_name, size = _CURVES[key.curve.name]
-    protected = cbor2.dumps({1: alg})
-    to_sign = cbor2.dumps(["Signature1", protected, b"", payload])
-    r, s = decode_dss_signature(key.sign(to_sign, ec.ECDSA(getattr(hashes, hash_name)())))
-    return cbor2.dumps([protected, {}, payload, r.to_bytes(size, "big") + s.to_bytes(size, "big")])
-
-
-def make_signer(cert_path: str, key_path: str) -> eif.Signer:
-    cert_pem, key = _load_signing(cert_path, key_path)
-
-    def signer(pcr0: str) -> bytes:
-        cose = cose_sign1(key, eif.pcr_info_payload(pcr0))
-        return eif.encode_signature_section([eif.PcrSignature(cert_pem, cose)])
-
-    return signer
-
-
-def verify_cose_sign1(cose: bytes, public_key: Any) -> bytes:
-    """Check the COSE_Sign1 signature with the certificate's key; return the payload. EifError if invalid."""
-    import cbor2
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
-    try:
-        value = cbor2.loads(cose)
-        if isinstance(value, cbor2.CBORTag):
-            value = value.value
-        protected, _unprotected, payload, signature = value
-        alg = cbor2.loads(protected)[1]
-    except (cbor2.CBORDecodeError, ValueError, TypeError, KeyError, IndexError):
-        raise eif.EifError("The EIF signature is not a valid COSE_Sign1 structure") from None
-    if alg not in _ALGS or not isinstance(public_key, ec.EllipticCurvePublicKey):
-        raise eif.EifError(f"Unsupported EIF signature algorithm {alg!r}")
-    curve, hash_name, size = _ALGS[alg]
-    if public_key.curve.name != curve or len(signature) != 2 * size:
-        raise eif.EifError("The EIF signature algorithm does not match the signing certificate's key")
-    r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
-    to_verify = cbor2.dumps(["Signature1", protected, b"", payload])
-    try:
-        public_key.verify(encode_dss_signature(r, s), to_verify, ec.ECDSA(getattr(hashes, hash_name)()))
-    except InvalidSignature:
-        raise eif.EifError("The EIF signature is not valid") from None
-    return payload
-
-
-_LONG_NAMES = {
-    "2.5.4.3": "commonName",
-    "2.5.4.6": "countryName",
-    "2.5.4.7": "localityName",
-    "2.5.4.8": "stateOrProvinceName",
-    "2.5.4.10": "organizationName",
-    "2.5.4.11": "organizationalUnitName",
-    "1.2.840.113549.1.9.1": "emailAddress",
-    "2.5.4.5": "serialNumber",
-    "0.9.2342.19200300.100.1.25": "domainComponent",
-}
-_SIG_LONG_NAMES = {
-    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256",
-    "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
-    "1.2.840.10045.4.3.4": "ecdsa-with-SHA512",
-    "1.2.840.113549.1.1.11": "sha256WithRSAEncryption",
-    "1.2.840.113549.1.1.12": "sha384WithRSAEncryption",
-    "1.2.840.113549.1.1.13": "sha512WithRSAEncryption",
-}
-
-
-def _asn1_time(when: dt.datetime) -> str:
-    """OpenSSL ASN1_TIME_print: `Jan  5 12:00:00 2025 GMT`."""
-    return f"{when:%b} {when.day:>2} {when:%H:%M:%S} {when.year} GMT"
-
-
-def certificate_inspector(signature: eif.PcrSignature, pcr0: str) -> tuple[dict[str, Any], bool]:
-    """describe-eif's SigningCertificate object and SignatureCheck (payload == PcrInfo of PCR0 now)."""
-    from cryptography import x509
-
-    try:
-        cert = x509.load_pem_x509_certificate(signature.signing_certificate)
-    except ValueError as exc:
-        raise eif.EifError(f"The signing certificate cannot be parsed: {exc}") from None
-    payload = verify_cose_sign1(signature.signature, cert.public_key())
-    issuer = {}
-    for attribute in cert.issuer:
-        oid = attribute.oid.dotted_string
-        value = attribute.value if isinstance(attribute.value, str) else attribute.value.hex()
-        issuer[_LONG_NAMES.get(oid, oid)] = value.replace('"', "")
-    algorithm = cert.signature_algorithm_oid.dotted_string
-    info = {
-        "IssuerName": {k: issuer[k] for k in sorted(issuer)},
-        "Algorithm": _SIG_LONG_NAMES.get(algorithm, algorithm),
-        "NotBefore": _asn1_time(cert.not_valid_before_utc),
-        "NotAfter": _asn1_time(cert.not_valid_after_utc),
-        "Signature": ":".join(f"{b:02X}" for b in cert.signature),
-    }
-    return info, payload == eif.pcr_info_payload(pcr0)
-
-
 # ------------------------------------------------------------------------------------------------ commands
+
+
+def _signer(cert_path: str, key_location: str) -> eif_writer.Signer:
+    try:
+        return signing.make_signer(cert_path, key_location)
+    except signing.SigningError as exc:
+        raise NitroCliError(60, f"Could not read signing info: {exc}") from None
 
 
 def build_enclave(args: argparse.Namespace) -> int:
@@ -444,7 +317,7 @@ def build_enclave(args: argparse.Namespace) -> int:
     for name in ("init", "nsm.ko", "linuxkit"):
         _require_blob(blobs, name)
     artifacts = artifacts_dir()
-    signer = make_signer(args.signing_certificate, args.private_key) if args.signing_certificate else None
+    signer = _signer(args.signing_certificate, args.private_key) if args.signing_certificate else None
     custom = custom_metadata(getattr(args, "metadata", None))
 
     uri = normalize_uri(args.docker_uri)
@@ -469,19 +342,19 @@ def build_enclave(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="build-", dir=artifacts) as tmp:
         work = Path(tmp)
-        boot = eif.write_ramdisk(
-            bootstrap_entries(blobs), work / "bootstrap-initrd.img", compress=False, mtime=eif.LINUXKIT_FILES_MTIME
+        boot = cpio.write_ramdisk(
+            bootstrap_entries(blobs), work / "bootstrap-initrd.img", compress=False, mtime=cpio.LINUXKIT_FILES_MTIME
         )
         with exported_rootfs(uri, work) as tar:
             entries = rootfs_entries(tar)
-            entries += [eif.file_entry("cmd", lines_file(cmd)), eif.file_entry("env", lines_file(env))]
+            entries += [cpio.file_entry("cmd", lines_file(cmd)), cpio.file_entry("env", lines_file(env))]
             try:
-                app = eif.write_ramdisk(entries, work / "customer-initrd.img", compresslevel=APP_RAMDISK_GZIP_LEVEL)
+                app = cpio.write_ramdisk(entries, work / "customer-initrd.img", compresslevel=APP_RAMDISK_GZIP_LEVEL)
             except eif.EifError as exc:
                 raise NitroCliError(48, f"Cannot build the application ramdisk: {exc}") from None
         (work / "rootfs.tar").unlink()
         try:
-            pcrs = eif.write_eif(
+            pcrs = eif_writer.write_eif(
                 output,
                 kernel=kernel,
                 cmdline=cmdline,
@@ -501,10 +374,30 @@ def build_enclave(args: argparse.Namespace) -> int:
 
 def describe_eif(args: argparse.Namespace) -> int:
     try:
-        described = eif.describe_eif(args.eif_path, certificate_inspector=certificate_inspector)
+        described = eif.describe_eif(args.eif_path, certificate_inspector=signing.certificate_inspector)
     except eif.EifError as exc:
         raise NitroCliError(35, str(exc)) from None
     _print_json(described)
+    return 0
+
+
+def sign_eif(args: argparse.Namespace) -> int:
+    """nitro-cli sign-eif (CLI src/lib.rs sign_eif): sign, then print the Measurements of the result."""
+    if not args.eif_path:
+        raise NitroCliError(1, "eif-path")
+    if not (args.signing_certificate and args.private_key):
+        raise NitroCliError(60, "Failed to create EifSigner")
+    try:
+        signer = signing.make_signer(args.signing_certificate, args.private_key)
+    except signing.SigningError as exc:
+        sys.stderr.write(f"Could not read signing info: {exc}\n")
+        raise NitroCliError(60, "Failed to create EifSigner") from None
+    try:
+        pcrs = eif_writer.sign_eif_file(args.eif_path, signer)
+    except (eif.EifError, signing.SigningError, OSError) as exc:
+        raise NitroCliError(60, f"Failed to sign image: {exc}") from None
+    _progress("Enclave Image successfully signed.")
+    _print_json({"Measurements": eif.measurements_dict(pcrs)})
     return 0
 
 

@@ -21,6 +21,7 @@ HANDLERS: dict[str, str] = {
     "build-enclave": "build:build_enclave",
     "describe-eif": "build:describe_eif",
     "pcr": "build:pcr",
+    "sign-eif": "build:sign_eif",
     "run-enclave": "runtime:run_enclave",
     "describe-enclaves": "runtime:describe_enclaves",
     "terminate-enclave": "runtime:terminate_enclave",
@@ -39,13 +40,18 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--docker-dir", help="Build the image from this directory's Dockerfile first")
     p.add_argument("--output-file", required=True, help="Path of the EIF to write")
     p.add_argument("--signing-certificate", help="PEM certificate for PCR8 (needs --private-key)")
-    p.add_argument("--private-key", help="EC private key PEM used to sign the EIF")
+    p.add_argument("--private-key", help="EC private key PEM file or KMS key ARN that signs the EIF")
     p.add_argument("--name", help="Image name stored in the metadata section")
     p.add_argument("--version", dest="image_version", help="Image version stored in the metadata section")
     p.add_argument("--metadata", help="JSON file with custom metadata")
 
     p = sub.add_parser("describe-eif", help="Returns information about the enclave image.")
     p.add_argument("--eif-path", required=True)
+
+    p = sub.add_parser("sign-eif", help="Signs an existing enclave image (adds or replaces its signature).")
+    p.add_argument("--eif-path")
+    p.add_argument("--signing-certificate", help="PEM certificate for PCR8")
+    p.add_argument("--private-key", help="EC private key PEM file or KMS key ARN")
 
     p = sub.add_parser("pcr", help="Returns the PCR value of a file or a signing certificate.")
     group = p.add_mutually_exclusive_group(required=True)

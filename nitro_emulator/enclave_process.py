@@ -256,6 +256,10 @@ class Enclave:
             eif_size = os.fstat(self.eif_fd).st_size
         except OSError:
             raise NitroCliError(19, eif_path, "Open") from None
+        # nitro-cli checks a signed EIF's COSE signature and certificate dates before measuring it (E59).
+        from .signing import verify_before_run
+
+        verify_before_run(eif_path)
         try:
             image = read_eif(eif_path)
             # The enclave is unpacked from this descriptor (no second pass over the file), so it must be

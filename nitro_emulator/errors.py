@@ -53,6 +53,7 @@ TEMPLATES: dict[int, str | dict[int, str]] = {
     50: "Docker image pull error. {0}",
     57: "Hasher error. {0}",
     58: "Naming error. {0}",
+    59: "EIF signature checker error. {0}",
     60: "Signing error. {0}",
 }
 

@@ -242,11 +242,9 @@ def rootfs_cache(image: Any, source: str, base: Path) -> Path | None:
     is gone when it stops. The newest CACHE_KEEP images are kept. None too when the cache is unusable.
     ``source`` is where to read the measured EIF's bytes (its path, or /proc/self/fd/N).
     """
-    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import (
-        EifError,
-        extract_ramdisk_windows,
-        ramdisk_windows,
-    )
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import EifError, ramdisk_windows
+
+    from .cpio import extract_ramdisk_windows
 
     try:
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -369,7 +367,9 @@ def _read_lines(path: Path, what: str) -> list[str]:
 
 def build(spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     """Everything up to and including pivot_root; returns the command and environment to run."""
-    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import EifError, extract_ramdisk_windows
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import EifError
+
+    from .cpio import extract_ramdisk_windows
 
     work = Path(spec["workdir"])
     cid = int(spec["cid"])

@@ -490,12 +490,32 @@ def pcrs_from_measurements(measurements: Mapping[str, Any] | str | Path) -> dict
     return pcrs
 
 
+def pcr8_of_certificate(pem: bytes | str | Path) -> str:
+    """The PCR8 an enclave from an EIF signed with this certificate reports (nitro-cli pcr
+    --signing-certificate), for ``expected_pcrs={8: ...}``: pins the publisher rather than one image."""
+    # The one PCR8 formula (host-side only).
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import (
+        EifError,
+        pcr8_from_certificate,
+    )
+
+    try:
+        if isinstance(pem, Path):
+            with open(pem, "rb") as handle:
+                pem = handle.read(MAX_MEASUREMENTS_LEN * 16 + 1)
+        x509.load_pem_x509_certificate(pem.encode("ascii") if isinstance(pem, str) else pem)
+        return pcr8_from_certificate(pem)
+    except (OSError, ValueError, EifError) as exc:
+        raise AttestationError("input", f"signing certificate unreadable: {exc}") from None
+
+
 def verify_attestation_document(
     document: bytes,
     *,
     root_pem: bytes | str | Sequence[bytes | str] | None = None,
     at: dt.datetime | None = None,
     expected_pcrs: Mapping[int, bytes | str] | None = None,
+    signer_pcr8: Sequence[str] = (),
     nonce: bytes | None = None,
     allow_debug: bool = False,
 ) -> AttestationResult:
@@ -504,7 +524,9 @@ def verify_attestation_document(
     ``root_pem``: trust anchor(s) as PEM (default: the pinned AWS Nitro Enclaves Root G1). ``cabundle[0]``
     must be byte-identical (same DER fingerprint) to one of them. ``at``: verification instant (default
     now; naive datetimes are UTC). ``expected_pcrs``: index -> 48 bytes or 96 hex chars, all must match.
-    ``nonce``: the document's nonce must equal it. Debug documents are rejected unless ``allow_debug``.
+    ``signer_pcr8``: PCR8 must be one of these (`pcr8_of_certificate`: the EIF signed by one of those
+    certificates, whatever its PCR0). ``nonce``: the document's nonce must equal it. Debug documents are
+    rejected unless ``allow_debug``.
     """
     # Caller arguments first, so a bad policy is reported as such rather than as a document failure.
     roots = load_roots(root_pem)
@@ -542,6 +564,15 @@ def verify_attestation_document(
             raise AttestationError("pcr", f"PCR{index} is not in the document")
         if not hmac.compare_digest(actual, value):
             raise AttestationError("pcr", f"PCR{index} is {actual.hex()}, expected {value.hex()}")
+    if signer_pcr8:
+        # Any of the allowed signers (a certificate rotation allows two), as a KMS policy ORs PCR8 values.
+        actual8 = doc.pcrs.get(8, b"").hex()
+        if actual8.lower() not in {value.lower() for value in signer_pcr8}:
+            raise AttestationError(
+                "pcr",
+                f"PCR8 is {actual8 or 'absent'}: the image is not signed by an allowed certificate "
+                f"(PCR8 {', '.join(signer_pcr8)})",
+            )
     if nonce is not None:
         if doc.nonce is None:
             raise AttestationError("nonce", "document carries no nonce")

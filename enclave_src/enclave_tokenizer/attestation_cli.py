@@ -26,6 +26,7 @@ from .attestation import (
     MAX_DOCUMENT_LEN,
     AttestationError,
     decode_document_text,
+    pcr8_of_certificate,
     pcrs_from_measurements,
     verify_attestation_document,
 )
@@ -91,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="EIF measurements artifact (<eif>.measurements.json); its PCRs are expected, --pcr adds to them",
     )
+    verify.add_argument(
+        "--signing-certificate",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="EIF signing certificate: expect its PCR8 (repeatable: any of them, e.g. during a rotation)",
+    )
     verify.add_argument("--nonce", type=_parse_hex, metavar="HEX", help="expected nonce")
     verify.add_argument("--allow-debug", action="store_true", help="accept debug-mode documents (PCR0-2 zero)")
     return parser
@@ -135,6 +144,13 @@ def _verify(args: argparse.Namespace) -> int:
         except AttestationError as exc:
             print(f"nitro-attest: {args.measurements}: {exc.message}", file=sys.stderr)
             return EXIT_USAGE
+    signers: list[str] = []
+    for cert in args.signing_certificate:
+        try:
+            signers.append(pcr8_of_certificate(cert))
+        except AttestationError as exc:
+            print(f"nitro-attest: {cert}: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE
     for index, value in args.pcr:
         if expected.get(index, value) != value:
             print(f"nitro-attest: PCR{index} given twice with different values", file=sys.stderr)
@@ -146,6 +162,7 @@ def _verify(args: argparse.Namespace) -> int:
             root_pem=roots,
             at=args.at,
             expected_pcrs=expected,
+            signer_pcr8=signers,
             nonce=args.nonce,
             allow_debug=args.allow_debug,
         )

@@ -51,6 +51,8 @@ from moto.core.exceptions import JsonRESTError
 from moto.kms.exceptions import ValidationException
 from moto.kms.responses import KmsResponse
 
+from . import kms_sign
+
 KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
 FAULTS_ENV = "NITRO_LOCAL_AWS_KMS_FAULTS"
 KEY_PAIR_SPECS = ("RSA_2048", "RSA_3072", "RSA_4096", "ECC_NIST_P256", "ECC_NIST_P384", "ECC_NIST_P521")
@@ -477,6 +479,7 @@ def install(attestation_roots: list[str] | None = None, **_: object) -> None:
     KmsResponse.generate_data_key = _patched_generate_data_key(KmsResponse.generate_data_key)  # type: ignore[method-assign]
     KmsResponse.generate_random = _patched_generate_random(KmsResponse.generate_random)  # type: ignore[method-assign]
     KmsResponse.generate_data_key_pair = generate_data_key_pair  # type: ignore[attr-defined]
+    kms_sign.install()
     KmsResponse.call_action = _patched_call_action(KmsResponse.call_action)  # type: ignore[method-assign]
     KmsResponse._dispatch = _patched_dispatch(KmsResponse._dispatch)  # type: ignore[method-assign]
     KmsResponse._nitro_attested = True  # type: ignore[attr-defined]

@@ -21,6 +21,11 @@ description:
   - Writes the measurements artifact O(measurements_file) (default C(<path>.measurements.json)) atomically, with
     PCR0, PCR1, PCR2 (and PCR8 when signed), the image digest, the EIF's SHA-384 and its path, so teams can commit
     the PCRs they pin in KMS key policies.
+  - With O(state=signed), signs an existing EIF (C(nitro-cli sign-eif)) with O(signing_certificate) and
+    O(private_key) unless it is already signed by that certificate with a signature covering its PCR0; PCR0-2 do
+    not change, PCR8 becomes the certificate's. The inputs record and the measurements artifact next to it are
+    updated, so a later O(state=present) does not rebuild the signed EIF. A controller signs this way with a
+    key that never leaves it (or KMS).
   - With O(state=described), reads any EIF with the project's EIF library, without nitro-cli or Docker, and
     returns its measurements and metadata (a controller can compute the PCRs to pin).
   - An EIF built from nitro-cli-emulator's placeholder kernel and init (no E(NITRO_CLI_BLOBS)) boots only under
@@ -36,9 +41,9 @@ options:
     required: true
     aliases: [eif_path, output_file]
   state:
-    description: V(present) builds when needed; V(described) only reads O(path).
+    description: V(present) builds when needed; V(signed) signs O(path) when needed; V(described) only reads O(path).
     type: str
-    choices: [present, described]
+    choices: [present, signed, described]
     default: present
   docker_uri:
     description:
@@ -164,6 +169,16 @@ placeholder_blobs:
   description: Whether the EIF was built from nitro-cli-emulator's placeholder blobs (it boots only under the emulator).
   returned: when the EIF exists
   type: bool
+signature:
+  description:
+    - "The EIF's signature: C(signed) (false when unsigned, and then nothing else); C(pcr8); C(certificate_sha384)
+      (SHA-384 of the certificate's DER); C(covers_pcr0) (the signed payload is this image's PCR0, describe-eif's
+      C(SignatureCheck)); C(signature_verified) (ECDSA checked with the certificate's key; null where the
+      C(cryptography) package is not importable)."
+  returned: when the EIF exists
+  type: dict
+  sample: {"signed": true, "pcr8": "1e4f...", "certificate_sha384": "9a0c...", "covers_pcr0": true,
+           "signature_verified": true}
 describe:
   description:
     - nitro-cli C(describe-eif)-shaped description (EifVersion, Measurements, IsSigned, CheckCRC, ImageName,
@@ -185,12 +200,14 @@ from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import (
     EifError,
     EifImage,
     metadata_describe,
+    pcr8_from_certificate,
     read_eif,
 )
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif_provenance import (
     is_placeholder,
     require_runnable_here,
 )
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif_signing import signature_info
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_spec import min_memory_mib
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.nitro_cli import NitroCli, NitroCliError
 
@@ -258,6 +275,7 @@ def image_facts(image: EifImage) -> dict[str, Any]:
         "size": image.file_size,
         "min_memory_mib": min_memory_mib(image.file_size),
         "placeholder_blobs": is_placeholder(image),
+        "signature": signature_info(image),
     }
 
 
@@ -321,7 +339,7 @@ def comparable(inputs: dict[str, Any] | None) -> dict[str, Any]:
     """The record minus what the build itself produces."""
     if not isinstance(inputs, dict):
         return {}
-    out = {k: v for k, v in inputs.items() if k not in ("eif_sha384", "built_image_id")}
+    out = {k: v for k, v in inputs.items() if k not in ("eif_sha384", "built_image_id", "signed_by")}
     if "docker_dir" in out:
         out.pop("image_id", None)
     return out
@@ -412,6 +430,75 @@ def present(module: AnsibleModule) -> None:
     module.exit_json(**result)
 
 
+def signed(module: AnsibleModule) -> None:
+    """state=signed: sign the EIF at `path` unless it is signed by that certificate and covers its PCR0."""
+    p = module.params
+    path = p["path"]
+    try:
+        image = read_eif(path, file_digest=True)
+    except EifError as exc:
+        module.fail_json(msg=f"path {path}: {exc}")
+    try:
+        with open(p["signing_certificate"], "rb") as handle:
+            wanted = pcr8_from_certificate(handle.read())
+    except (OSError, EifError) as exc:
+        module.fail_json(msg=f"signing_certificate {p['signing_certificate']}: {getattr(exc, 'strerror', None) or exc}")
+    info = signature_info(image)
+    done = info["signed"] and info["pcr8"] == wanted and info["covers_pcr0"] and info["signature_verified"] is not False
+    result: dict[str, Any] = {"changed": not done, "path": path, "signature": info, "measurements": image.measurements}
+    if not done:
+        result["reasons"] = [
+            "the EIF is not signed"
+            if not info["signed"]
+            else f"the EIF is signed by PCR8 {info['pcr8']}, not by {p['signing_certificate']} (PCR8 {wanted})"
+            if info["pcr8"] != wanted
+            else "the EIF's signature does not cover it"
+        ]
+        if module._diff:
+            result["diff"] = {"before": {"PCR8": info.get("pcr8")}, "after": {"PCR8": wanted}, "before_header": path}
+    if done or module.check_mode:
+        result.update(
+            measurements={**image.measurements, "PCR8": wanted},
+            eif_sha384=image.file_sha384,
+            size=image.file_size,
+            min_memory_mib=min_memory_mib(image.file_size),
+        )
+        module.exit_json(**result)
+    before_sha384 = image.file_sha384
+    try:
+        cli = NitroCli(p["nitro_cli_path"], timeout=p["timeout"])
+        cli.run(
+            [
+                "sign-eif",
+                "--eif-path",
+                path,
+                "--signing-certificate",
+                p["signing_certificate"],
+                "--private-key",
+                p["private_key"],
+            ],
+            parse_json=False,
+        )
+        image = read_eif(path, file_digest=True)
+    except NitroCliError as exc:
+        module.fail_json(msg=f"sign-eif failed: {exc}", nitro_cli_error=exc.as_dict())
+    except EifError as exc:
+        module.fail_json(msg=f"nitro-cli sign-eif left an unreadable EIF at {path}: {exc}")
+    record_path = path + RECORD_SUFFIX
+    record = load_json(record_path)
+    if isinstance(record, dict) and record.get("eif_sha384") == before_sha384:
+        # The built EIF, now signed: O(state=present) must see these bytes as the ones it built.
+        record.update(eif_sha384=image.file_sha384, signed_by=signature_info(image)["pcr8"])
+        write_json_atomically(module, record_path, record)
+    measurements_path = p["measurements_file"] or path + ".measurements.json"
+    artifact = load_json(measurements_path)
+    if isinstance(artifact, dict) and artifact.get("EifSha384") == before_sha384:
+        artifact.update(Measurements=image.measurements, EifSha384=image.file_sha384)
+        write_json_atomically(module, measurements_path, artifact)
+    result.update(image_facts(image))
+    module.exit_json(**result)
+
+
 def refuse_placeholder(module: AnsibleModule, image: Any) -> None:
     """On a Nitro host an EIF from the emulator's placeholder blobs is useless: fail, saying what to do."""
     try:
@@ -462,7 +549,7 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(
             path=dict(type="path", required=True, aliases=["eif_path", "output_file"]),
-            state=dict(type="str", default="present", choices=["present", "described"]),
+            state=dict(type="str", default="present", choices=["present", "signed", "described"]),
             docker_uri=dict(type="str"),
             docker_dir=dict(type="path"),
             name=dict(type="str"),
@@ -475,12 +562,17 @@ def main() -> None:
             timeout=dict(type="int", default=1800),
             nitro_cli_path=dict(type="path"),
         ),
-        required_if=[("state", "present", ("docker_uri",))],
+        required_if=[
+            ("state", "present", ("docker_uri",)),
+            ("state", "signed", ("signing_certificate", "private_key")),
+        ],
         required_together=[("signing_certificate", "private_key")],
         supports_check_mode=True,
     )
     if module.params["state"] == "described":
         described(module)
+    if module.params["state"] == "signed":
+        signed(module)
     present(module)
 
 

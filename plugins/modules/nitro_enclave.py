@@ -59,6 +59,23 @@ options:
       - With O(state=running) or O(state=restarted) an EIF that measures differently is refused before any
         enclave is touched. With O(state=configured) they are written into the configuration.
     type: dict
+  signer_pcr8:
+    description:
+      - Require O(eif_path) to be signed (C(nitro-cli build-enclave --signing-certificate), C(sign-eif)) by a
+        certificate whose PCR8 is one of these (96 hex characters, as C(nitro-cli pcr --signing-certificate)
+        prints it), with a signature that covers the image's PCR0.
+      - An EIF that is unsigned, signed by another certificate, or changed after signing is refused before any
+        enclave is touched (also with O(state=configured) and in check mode); the message names the PCR8 found
+        and the ones allowed. Where C(cryptography) is importable the ECDSA signature is verified too (nitro-cli
+        verifies it at launch anyway).
+    type: list
+    elements: str
+  signer_certificate_sha384:
+    description:
+      - Like O(signer_pcr8), naming the allowed certificates by their SHA-384 fingerprint (of the DER, as
+        C(openssl x509 -noout -fingerprint -sha384) prints it without colons). Both options may be combined.
+    type: list
+    elements: str
   config_path:
     description: The run configuration file to write. Required with O(state=configured); its directory must exist.
     type: path
@@ -243,6 +260,7 @@ from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.atomic_file i
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.diff import diff_result
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import EifError, open_regular, read_eif
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif_provenance import require_runnable_here
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif_signing import normalize_pins, signer_problems
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.enclave_pool import (
     enclave_pool_problems,
     read_applied_pool,
@@ -283,6 +301,22 @@ def check_arguments(module: AnsibleModule) -> None:
         module.fail_json(msg=problem)
     if p["state"] != "absent" and p["debug_mode"] and not p["allow_debug_mode"]:
         module.fail_json(msg=DEBUG_REFUSAL)
+    try:
+        for option in ("signer_pcr8", "signer_certificate_sha384"):
+            p[option] = normalize_pins(p[option], option)
+    except ValueError as exc:
+        module.fail_json(msg=str(exc))
+
+
+def check_signer(module: AnsibleModule, image: Any) -> None:
+    """signer_pcr8 / signer_certificate_sha384: refuse an EIF not signed by an allowed certificate."""
+    p = module.params
+    problems = signer_problems(image, pcr8=p["signer_pcr8"], certificate_sha384=p["signer_certificate_sha384"])
+    if problems:
+        module.fail_json(
+            msg=f"eif_path {p['eif_path']} is refused: {'; '.join(problems)}. Nothing was changed",
+            problems=problems,
+        )
 
 
 def expected_measurements(module: AnsibleModule) -> dict[str, str]:
@@ -311,6 +345,7 @@ def measure(module: AnsibleModule) -> dict[str, str]:
     except EifError as exc:
         module.fail_json(msg=f"eif_path {path}: {exc}")
     check_memory(module, image.file_size)
+    check_signer(module, image)
     unexpected = unexpected_measurements(image.measurements, expected_measurements(module))
     if unexpected:
         module.fail_json(msg=f"eif_path {path} is not the expected image: {'; '.join(unexpected)}")
@@ -376,6 +411,11 @@ def configure(module: AnsibleModule) -> None:
             check_memory(module, os.fstat(image.fileno()).st_size)
     except EifError as exc:
         module.fail_json(msg=f"eif_path {params['eif_path']}: {exc}")
+    if params["signer_pcr8"] or params["signer_certificate_sha384"]:
+        try:
+            check_signer(module, read_eif(params["eif_path"]))
+        except EifError as exc:
+            module.fail_json(msg=f"eif_path {params['eif_path']}: {exc}")
     check_pool(module, None)
     text = render_run_config(params, expected_measurements(module))
     before = read_before(module, path)
@@ -403,6 +443,8 @@ def main() -> None:
             state=dict(type="str", default="running", choices=["running", "absent", "restarted", "configured"]),
             eif_path=dict(type="path"),
             measurements=dict(type="dict"),
+            signer_pcr8=dict(type="list", elements="str"),
+            signer_certificate_sha384=dict(type="list", elements="str"),
             config_path=dict(type="path"),
             backup=dict(type="bool", default=False),
             cpu_count=dict(type="int"),

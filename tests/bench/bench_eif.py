@@ -18,6 +18,8 @@ from pathlib import Path
 
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif
 
+from nitro_emulator import eif_writer
+
 EIF_MIB = 512
 RUNS = 5
 SHA384SUM = shutil.which("sha384sum")
@@ -47,7 +49,7 @@ def _make_eif(directory: Path) -> Path:
     boot = directory / "bootstrap.img"
     boot.write_bytes(os.urandom(2 << 20))
     path = directory / "bench.eif"
-    eif.write_eif(
+    eif_writer.write_eif(
         path,
         kernel=kernel,
         cmdline="reboot=k panic=30 pci=off nomodules console=ttyS0",

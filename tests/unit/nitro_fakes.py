@@ -4,6 +4,7 @@ small EIFs, and running a module's main() under ansible-core's patch_module_args
 from __future__ import annotations
 
 import atexit
+import datetime as dt
 import functools
 import importlib.util
 import json
@@ -177,7 +178,8 @@ elif cmd == "describe-eif":
     print(json.dumps({"EifVersion": image.header.version, "Measurements": image.measurements,
                       "IsSigned": image.is_signed}, indent=2))
 elif cmd == "build-enclave":
-    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import write_eif, make_metadata
+    from nitro_emulator.eif_writer import write_eif
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import make_metadata
     uri = opt("--docker-uri")
     images = json.load(open(os.environ["FAKE_DOCKER_IMAGES"]))
     if opt("--docker-dir"):
@@ -260,7 +262,9 @@ class FakeHost:
 
 
 def make_eif(path: Path, payload: bytes = b"APP", size_pad: int = 0) -> dict[str, str]:
-    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import make_metadata, write_eif
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import make_metadata
+
+    from nitro_emulator.eif_writer import write_eif
 
     info = {
         "BuildTime": "1970-01-01T00:00:00+00:00",
@@ -341,3 +345,39 @@ def run_module(module: Any, args: dict[str, Any], capsys: pytest.CaptureFixture[
     result = json.loads(out)
     result["rc_exit"] = exc.value.code
     return result
+
+
+def make_cert(
+    tmp_path: Path,
+    name: str = "publisher",
+    *,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    curve: Any = None,
+) -> tuple[Path, Path]:
+    """A self-signed EIF signing certificate and its PEM key, as `openssl req -x509` with a secp384r1 key
+    makes them (the AWS docs' recipe for PCR8); returns (certificate path, key path)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    key = ec.generate_private_key(curve or ec.SECP384R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"), x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - dt.timedelta(days=1))
+        .not_valid_after(not_after or now + dt.timedelta(days=30))
+        .sign(key, hashes.SHA384())
+    )
+    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path

@@ -23,6 +23,8 @@ from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nitro_emulator import cpio, eif_writer
+
 # Reference nitro-cli-and-eif.md §1.10 worked example.
 EXAMPLE_META = (
     b'{"ImageName":"t","ImageVersion":"1.0","BuildMetadata":{"BuildTime":"1970-01-01T00:00:00+00:00",'
@@ -44,7 +46,7 @@ EXAMPLE_PCRS = {
 
 
 def _write_example(path: Path, **kwargs: object) -> dict[str, str]:
-    return eif.write_eif(
+    return eif_writer.write_eif(
         path,
         kernel=b"KERNEL",
         cmdline="console=ttyS0",
@@ -103,7 +105,7 @@ def test_runtime_pcr_doc_vectors() -> None:
 
 def test_single_ramdisk_pcr2_is_extend_of_empty(tmp_path: Path) -> None:
     path = tmp_path / "one.eif"
-    pcrs = eif.write_eif(
+    pcrs = eif_writer.write_eif(
         path, kernel=b"K", cmdline="c", ramdisks=[b"R"], metadata=eif.make_metadata("a", "b", BUILD_INFO)
     )
     assert (
@@ -166,7 +168,7 @@ def test_describe_eif_shape_and_custom_metadata(tmp_path: Path) -> None:
     path = tmp_path / "d.eif"
     docker_info = {"Id": "sha256:ab", "Config": {"Env": ["A=1"], "Cmd": ["x"]}, "Architecture": "amd64"}
     meta = eif.make_metadata("img", "v1", BUILD_INFO, docker_info, {"zeta": 1, "alpha": {"b": 2, "a": 1}})
-    eif.write_eif(path, kernel=b"K", cmdline="c", ramdisks=[b"R0", b"R1"], metadata=meta)
+    eif_writer.write_eif(path, kernel=b"K", cmdline="c", ramdisks=[b"R0", b"R1"], metadata=meta)
     # Nested JSON values are stored with sorted keys (serde_json without preserve_order).
     stored = eif.read_eif(path).metadata
     assert list(stored["DockerInfo"]) == ["Architecture", "Config", "Id"]
@@ -188,7 +190,7 @@ def test_describe_eif_shape_and_custom_metadata(tmp_path: Path) -> None:
 
 def test_describe_rejects_non_object_custom_metadata(tmp_path: Path) -> None:
     path = tmp_path / "d.eif"
-    eif.write_eif(
+    eif_writer.write_eif(
         path, kernel=b"K", cmdline="c", ramdisks=[b"R"], metadata=eif.make_metadata("a", "b", BUILD_INFO, None, [1])
     )
     with pytest.raises(eif.EifError, match="CustomMetadata"):
@@ -466,15 +468,15 @@ def _example_bytes() -> bytes:
 def test_writer_rejects_bad_inputs(tmp_path: Path) -> None:
     meta = eif.make_metadata("a", "b", BUILD_INFO)
     with pytest.raises(eif.EifError, match="NUL"):
-        eif.write_eif(tmp_path / "x", kernel=b"K", cmdline="a\0b", ramdisks=[b"R"], metadata=meta)
+        eif_writer.write_eif(tmp_path / "x", kernel=b"K", cmdline="a\0b", ramdisks=[b"R"], metadata=meta)
     with pytest.raises(eif.EifError, match="at least one ramdisk"):
-        eif.write_eif(tmp_path / "x", kernel=b"K", cmdline="c", ramdisks=[], metadata=meta)
+        eif_writer.write_eif(tmp_path / "x", kernel=b"K", cmdline="c", ramdisks=[], metadata=meta)
     with pytest.raises(eif.EifError, match="too many sections"):
-        eif.write_eif(tmp_path / "x", kernel=b"K", cmdline="c", ramdisks=[b"R"] * 30, metadata=meta)
+        eif_writer.write_eif(tmp_path / "x", kernel=b"K", cmdline="c", ramdisks=[b"R"] * 30, metadata=meta)
     with pytest.raises(eif.EifError, match="lacks"):
-        eif.write_eif(tmp_path / "x", kernel=b"K", cmdline="c", ramdisks=[b"R"], metadata={"ImageName": "a"})
+        eif_writer.write_eif(tmp_path / "x", kernel=b"K", cmdline="c", ramdisks=[b"R"], metadata={"ImageName": "a"})
     with pytest.raises(eif.EifError, match="cannot read"):
-        eif.write_eif(tmp_path / "x", kernel=tmp_path / "nope", cmdline="c", ramdisks=[b"R"], metadata=meta)
+        eif_writer.write_eif(tmp_path / "x", kernel=tmp_path / "nope", cmdline="c", ramdisks=[b"R"], metadata=meta)
     assert not (tmp_path / "x").exists()
     assert list(tmp_path.iterdir()) == []  # no temp file left behind
 
@@ -495,7 +497,7 @@ def test_writer_streams_path_sources_and_parallel_matches_serial(tmp_path: Path)
     results = []
     for parallel in (False, True):
         out = tmp_path / f"p{parallel}.eif"
-        pcrs = eif.write_eif(
+        pcrs = eif_writer.write_eif(
             out,
             kernel=tmp_path / "k",
             cmdline=b"cmd",
@@ -529,7 +531,7 @@ def test_write_read_roundtrip(
 ) -> None:
     path = tmp_path / "rt.eif"
     meta = eif.make_metadata(name, "1", BUILD_INFO, {"b": [1, {"d": 1, "c": 2}]}, custom)
-    pcrs = eif.write_eif(path, kernel=kernel, cmdline=cmdline, ramdisks=ramdisks, metadata=meta, flags=flags)
+    pcrs = eif_writer.write_eif(path, kernel=kernel, cmdline=cmdline, ramdisks=ramdisks, metadata=meta, flags=flags)
     image = eif.read_eif(path)
     boot = kernel + cmdline.encode() + ramdisks[0]
     assert (
@@ -561,21 +563,21 @@ def test_read_section_limit(example: Path) -> None:
 # ---------------------------------------------------------------------------------------------- cpio
 
 
-def _entries() -> list[eif.CpioEntry]:
+def _entries() -> list[cpio.CpioEntry]:
     return [
-        eif.file_entry("rootfs/etc/hostname", b"enclave\n"),
-        eif.CpioEntry("rootfs/bin/sh", stat.S_IFLNK | 0o777, data=b"dash"),
-        eif.file_entry("cmd", b"/bin/app\n"),
-        eif.dir_entry("rootfs/tmp", 0o1777),
-        eif.file_entry("rootfs/bin/app", b"#!/bin/sh\necho hi\n" * 100, 0o755, uid=1000, gid=1000),
-        eif.CpioEntry("rootfs/dev/null", stat.S_IFCHR | 0o666, rdev_major=1, rdev_minor=3),
-        eif.file_entry("env", b"PATH=/bin\n"),
+        cpio.file_entry("rootfs/etc/hostname", b"enclave\n"),
+        cpio.CpioEntry("rootfs/bin/sh", stat.S_IFLNK | 0o777, data=b"dash"),
+        cpio.file_entry("cmd", b"/bin/app\n"),
+        cpio.dir_entry("rootfs/tmp", 0o1777),
+        cpio.file_entry("rootfs/bin/app", b"#!/bin/sh\necho hi\n" * 100, 0o755, uid=1000, gid=1000),
+        cpio.CpioEntry("rootfs/dev/null", stat.S_IFCHR | 0o666, rdev_major=1, rdev_minor=3),
+        cpio.file_entry("env", b"PATH=/bin\n"),
     ]
 
 
-def _cpio_bytes(entries: list[eif.CpioEntry], mtime: int = 0) -> bytes:
+def _cpio_bytes(entries: list[cpio.CpioEntry], mtime: int = 0) -> bytes:
     out = io.BytesIO()
-    eif.write_cpio(entries, out, mtime=mtime)
+    cpio.write_cpio(entries, out, mtime=mtime)
     return out.getvalue()
 
 
@@ -637,22 +639,22 @@ def test_cpio_is_deterministic(tmp_path: Path) -> None:
     entries = _entries()
     assert _cpio_bytes(entries) == _cpio_bytes(list(reversed(entries)))
     assert _cpio_bytes(entries, mtime=5) != _cpio_bytes(entries)
-    a = eif.write_ramdisk(entries, tmp_path / "a.gz")
-    b = eif.write_ramdisk(list(reversed(entries)), tmp_path / "b.gz")
+    a = cpio.write_ramdisk(entries, tmp_path / "a.gz")
+    b = cpio.write_ramdisk(list(reversed(entries)), tmp_path / "b.gz")
     assert a.read_bytes() == b.read_bytes()
     raw = a.read_bytes()
     assert raw[:4] == b"\x1f\x8b\x08\x00" and raw[4:8] == b"\0\0\0\0"  # no name, mtime 0
     assert gzip.decompress(raw) == _cpio_bytes(entries)
-    plain = eif.write_ramdisk(entries, tmp_path / "c.cpio", compress=False)
+    plain = cpio.write_ramdisk(entries, tmp_path / "c.cpio", compress=False)
     assert plain.read_bytes() == _cpio_bytes(entries)
 
 
 def test_cpio_streams_file_sources(tmp_path: Path) -> None:
     blob = os.urandom((2 << 20) + 3)
     (tmp_path / "big").write_bytes(blob)
-    data = _cpio_bytes([eif.path_entry("big", tmp_path / "big", 0o600)])
+    data = _cpio_bytes([cpio.path_entry("big", tmp_path / "big", 0o600)])
     assert _parse_newc(data)[0][2] == blob
-    short = eif.CpioEntry("x", stat.S_IFREG | 0o644, opener=lambda: io.BytesIO(b"ab"), size=3)
+    short = cpio.CpioEntry("x", stat.S_IFREG | 0o644, opener=lambda: io.BytesIO(b"ab"), size=3)
     with pytest.raises(eif.EifError, match="shorter"):
         _cpio_bytes([short])
 
@@ -660,25 +662,25 @@ def test_cpio_streams_file_sources(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("entries", "message"),
     [
-        ([eif.file_entry("a", b""), eif.file_entry("./a", b"")], "duplicate"),
-        ([eif.file_entry("../etc/passwd", b"")], "escapes"),
-        ([eif.file_entry("a/../../b", b"")], "escapes"),
-        ([eif.file_entry("/", b"")], "empty"),
-        ([eif.file_entry("a\0b", b"")], "NUL"),
-        ([eif.file_entry("f", b""), eif.file_entry("f/g", b"")], "below non-directory"),
-        ([eif.CpioEntry("x", stat.S_IFREG, uid=2**32)], "32 bits"),
+        ([cpio.file_entry("a", b""), cpio.file_entry("./a", b"")], "duplicate"),
+        ([cpio.file_entry("../etc/passwd", b"")], "escapes"),
+        ([cpio.file_entry("a/../../b", b"")], "escapes"),
+        ([cpio.file_entry("/", b"")], "empty"),
+        ([cpio.file_entry("a\0b", b"")], "NUL"),
+        ([cpio.file_entry("f", b""), cpio.file_entry("f/g", b"")], "below non-directory"),
+        ([cpio.CpioEntry("x", stat.S_IFREG, uid=2**32)], "32 bits"),
     ],
 )
-def test_cpio_rejects_bad_entries(entries: list[eif.CpioEntry], message: str) -> None:
+def test_cpio_rejects_bad_entries(entries: list[cpio.CpioEntry], message: str) -> None:
     with pytest.raises(eif.EifError, match=message):
         _cpio_bytes(entries)
 
 
 def test_extract_roundtrip(tmp_path: Path) -> None:
-    ramdisk = eif.write_ramdisk(_entries(), tmp_path / "r.gz")
+    ramdisk = cpio.write_ramdisk(_entries(), tmp_path / "r.gz")
     dest = tmp_path / "out"
     with ramdisk.open("rb") as handle:
-        result = eif.extract_ramdisk_stream(handle, dest, preserve_owner=False)
+        result = cpio.extract_ramdisk_stream(handle, dest, preserve_owner=False)
     assert result.skipped == ["rootfs/dev/null"]
     assert (result.files, result.symlinks) == (4, 1)
     assert (dest / "cmd").read_bytes() == b"/bin/app\n"
@@ -689,14 +691,14 @@ def test_extract_roundtrip(tmp_path: Path) -> None:
     # strip_prefix: just the image filesystem
     root = tmp_path / "root"
     with ramdisk.open("rb") as handle:
-        eif.extract_ramdisk_stream(handle, root, strip_prefix="rootfs", preserve_owner=False)
+        cpio.extract_ramdisk_stream(handle, root, strip_prefix="rootfs", preserve_owner=False)
     assert sorted(p.name for p in root.iterdir()) == ["bin", "dev", "etc", "tmp"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 def test_extract_preserves_owner_as_root(tmp_path: Path) -> None:
     data = _cpio_bytes(_entries())
-    eif.extract_cpio(io.BytesIO(data), tmp_path / "o")
+    cpio.extract_cpio(io.BytesIO(data), tmp_path / "o")
     assert (tmp_path / "o/rootfs/bin/app").stat().st_uid == 1000
 
 
@@ -716,21 +718,21 @@ def test_extract_refuses_traversal_and_symlink_escape(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     evil = _raw_member(b"../outside/x", stat.S_IFREG | 0o644, b"pwned") + TRAILER
     with pytest.raises(eif.EifError, match="escapes"):
-        eif.extract_cpio(io.BytesIO(evil), dest)
+        cpio.extract_cpio(io.BytesIO(evil), dest)
     link_then_write = (
         _raw_member(b"link", stat.S_IFLNK | 0o777, str(outside).encode())
         + _raw_member(b"link/x", stat.S_IFREG | 0o644, b"pwned", ino=2)
         + TRAILER
     )
     with pytest.raises(eif.EifError, match="unsafe path"):
-        eif.extract_cpio(io.BytesIO(link_then_write), dest)
+        cpio.extract_cpio(io.BytesIO(link_then_write), dest)
     # A symlink replacing a file and then written "through": the file write must not follow it.
     overwrite = (
         _raw_member(b"f", stat.S_IFLNK | 0o777, str(outside / "y").encode())
         + _raw_member(b"f", stat.S_IFREG | 0o644, b"data", ino=2)
         + TRAILER
     )
-    eif.extract_cpio(io.BytesIO(overwrite), dest)
+    cpio.extract_cpio(io.BytesIO(overwrite), dest)
     assert list(outside.iterdir()) == []
     assert (dest / "f").read_bytes() == b"data" and not (dest / "f").is_symlink()
 
@@ -746,7 +748,7 @@ def test_extract_handles_hardlinks_padding_and_concatenation(tmp_path: Path) -> 
         + b"\0\0"
     )
     dest = tmp_path / "d"
-    eif.extract_cpio(io.BytesIO(archive), dest, preserve_owner=False)
+    cpio.extract_cpio(io.BytesIO(archive), dest, preserve_owner=False)
     assert (dest / "a").read_bytes() == (dest / "b").read_bytes() == b"shared"
     assert (dest / "a").stat().st_ino == (dest / "b").stat().st_ino
     assert (dest / "c").read_bytes() == b"second archive"
@@ -765,43 +767,45 @@ def test_extract_handles_hardlinks_padding_and_concatenation(tmp_path: Path) -> 
 )
 def test_extract_malformed_cpio(tmp_path: Path, archive: bytes, message: str) -> None:
     with pytest.raises(eif.EifError, match=message):
-        eif.extract_cpio(io.BytesIO(archive), tmp_path / "d")
+        cpio.extract_cpio(io.BytesIO(archive), tmp_path / "d")
 
 
 @pytest.mark.parametrize("reader", ["isal", "zlib"])
 def test_extract_bad_gzip_and_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
     if reader == "zlib":  # a host without the isal package
-        monkeypatch.setattr(eif, "_inflating_gzip", gzip)
-        monkeypatch.setattr(eif, "_INFLATE_ERRORS", (EOFError, OSError, zlib.error))
+        monkeypatch.setattr(cpio, "_inflating_gzip", gzip)
+        monkeypatch.setattr(cpio, "_INFLATE_ERRORS", (EOFError, OSError, zlib.error))
     else:
-        assert eif._inflating_gzip is not gzip  # the dev venv and emulated hosts have isal
+        assert cpio._inflating_gzip is not gzip  # the dev venv and emulated hosts have isal
     gz = gzip.compress(_cpio_bytes(_entries()), mtime=0)
-    assert eif.extract_ramdisk_stream(io.BytesIO(gz), tmp_path / "ok").files == 4
+    assert cpio.extract_ramdisk_stream(io.BytesIO(gz), tmp_path / "ok").files == 4
     with pytest.raises(eif.EifError, match="corrupt"):
-        eif.extract_ramdisk_stream(io.BytesIO(gz[: len(gz) // 2]), tmp_path / "a")
+        cpio.extract_ramdisk_stream(io.BytesIO(gz[: len(gz) // 2]), tmp_path / "a")
     with pytest.raises(eif.EifError, match="corrupt"):
-        eif.extract_ramdisk_stream(io.BytesIO(gz[:20] + b"\xff" * 50 + gz[70:]), tmp_path / "b")
+        cpio.extract_ramdisk_stream(io.BytesIO(gz[:20] + b"\xff" * 50 + gz[70:]), tmp_path / "b")
     with pytest.raises(eif.EifError, match="beyond the 100-byte limit"):
-        eif.extract_ramdisk_stream(io.BytesIO(gz), tmp_path / "c", max_bytes=100)
+        cpio.extract_ramdisk_stream(io.BytesIO(gz), tmp_path / "c", max_bytes=100)
 
 
 def test_extract_customer_ramdisks_from_eif(tmp_path: Path) -> None:
-    boot = eif.write_ramdisk([eif.file_entry("init", b"INIT", 0o755)], tmp_path / "boot", compress=False)
-    app = eif.write_ramdisk(_entries(), tmp_path / "app.gz")
+    boot = cpio.write_ramdisk([cpio.file_entry("init", b"INIT", 0o755)], tmp_path / "boot", compress=False)
+    app = cpio.write_ramdisk(_entries(), tmp_path / "app.gz")
     path = tmp_path / "img.eif"
-    eif.write_eif(
+    eif_writer.write_eif(
         path, kernel=b"K", cmdline="c", ramdisks=[boot, app], metadata=eif.make_metadata("a", "b", BUILD_INFO)
     )
     image = eif.read_eif(path)
     assert image.customer_ramdisks == image.ramdisks[1:]
-    result = eif.extract_customer_ramdisks(image, tmp_path / "x", preserve_owner=False)
+    result = cpio.extract_customer_ramdisks(image, tmp_path / "x", preserve_owner=False)
     assert result.files == 4
     assert (tmp_path / "x/env").read_bytes() == b"PATH=/bin\n"
     assert not (tmp_path / "x/init").exists()  # bootstrap ramdisk is not the application's
     single = tmp_path / "single.eif"
-    eif.write_eif(single, kernel=b"K", cmdline="c", ramdisks=[boot], metadata=eif.make_metadata("a", "b", BUILD_INFO))
+    eif_writer.write_eif(
+        single, kernel=b"K", cmdline="c", ramdisks=[boot], metadata=eif.make_metadata("a", "b", BUILD_INFO)
+    )
     with pytest.raises(eif.EifError, match="no application ramdisk"):
-        eif.extract_customer_ramdisks(single, tmp_path / "y")
+        cpio.extract_customer_ramdisks(single, tmp_path / "y")
 
 
 member_name = st.lists(st.sampled_from(["a", "b", "bin", "é", "x.y", "long-name_1"]), min_size=1, max_size=3).map(
@@ -820,14 +824,14 @@ def test_ramdisk_determinism_and_roundtrip_property(
 ) -> None:
     # Drop names that are a parent of another name (a path cannot be both a file and a directory).
     names = [n for n in files if not any(o.startswith(n + "/") for o in files)]
-    entries = [eif.file_entry(n, files[n], mode) for n in names]
+    entries = [cpio.file_entry(n, files[n], mode) for n in names]
     shuffled = list(entries)
     seed.shuffle(shuffled)
     first = _cpio_bytes(entries)
     assert _cpio_bytes(shuffled) == first
     assert gzip.compress(first, mtime=0) == gzip.compress(_cpio_bytes(shuffled), mtime=0)
     dest = tmp_path / f"x{abs(hash(first))}"
-    result = eif.extract_cpio(io.BytesIO(first), dest, preserve_owner=False)
+    result = cpio.extract_cpio(io.BytesIO(first), dest, preserve_owner=False)
     assert result.files == len(names)
     for name in names:
         assert (dest / name).read_bytes() == files[name]
@@ -859,7 +863,7 @@ def test_bootstrap_ramdisk_is_what_linuxkit_writes_for_nitro_cli(tmp_path: Path)
         + _gocpio_member(724, 0, 0, b"TRAILER!!!")
     )
     expected += b"\0" * (-len(expected) % 512)
-    ramdisk = eif.write_ramdisk(
-        bootstrap_entries(blobs), tmp_path / "boot", compress=False, mtime=eif.LINUXKIT_FILES_MTIME
+    ramdisk = cpio.write_ramdisk(
+        bootstrap_entries(blobs), tmp_path / "boot", compress=False, mtime=cpio.LINUXKIT_FILES_MTIME
     )
     assert ramdisk.read_bytes() == expected

@@ -8,22 +8,22 @@ from pathlib import Path
 import pytest
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif
 
-from nitro_emulator import isolation
+from nitro_emulator import cpio, eif_writer, isolation
 
 OWNER = {"uid": os.geteuid(), "gid": os.getegid()}
 BUILD_INFO = dict.fromkeys(("BuildTime", "BuildTool", "BuildToolVersion", "OperatingSystem", "KernelVersion"), "test")
 
 
 def image(tmp_path: Path, text: bytes) -> eif.EifImage:
-    boot = eif.write_ramdisk([eif.file_entry("init", b"INIT", 0o755, **OWNER)], tmp_path / f"boot-{text!r}")
-    app = eif.write_ramdisk(
-        [eif.file_entry("cmd", b"/app\n", **OWNER), eif.dir_entry("rootfs", **OWNER),
-         eif.file_entry("rootfs/app", text, 0o755, **OWNER)],
+    boot = cpio.write_ramdisk([cpio.file_entry("init", b"INIT", 0o755, **OWNER)], tmp_path / f"boot-{text!r}")
+    app = cpio.write_ramdisk(
+        [cpio.file_entry("cmd", b"/app\n", **OWNER), cpio.dir_entry("rootfs", **OWNER),
+         cpio.file_entry("rootfs/app", text, 0o755, **OWNER)],
         tmp_path / f"app-{text!r}",
     )  # fmt: skip
     path = tmp_path / f"{text.decode()}.eif"
     metadata = eif.make_metadata("a", "b", BUILD_INFO)
-    eif.write_eif(path, kernel=b"K", cmdline="c", ramdisks=[boot, app], metadata=metadata)
+    eif_writer.write_eif(path, kernel=b"K", cmdline="c", ramdisks=[boot, app], metadata=metadata)
     return eif.read_eif(path)
 
 

@@ -39,7 +39,10 @@ def builds(host: FakeHost) -> int:
             {"path": "/x.eif", "docker_uri": "a", "signing_certificate": "/c.pem"},
             "parameters are required together: signing_certificate, private_key",
         ),
-        ({"path": "/x.eif", "state": "absent"}, "value of state must be one of: present, described, got: absent"),
+        (
+            {"path": "/x.eif", "state": "absent"},
+            "value of state must be one of: present, signed, described, got: absent",
+        ),
         ({"path": "/x.eif", "docker_uri": "a", "metadata": "not-a-dict"}, "metadata"),
     ],
 )

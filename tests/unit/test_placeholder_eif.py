@@ -18,7 +18,7 @@ from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif_provenanc
 )
 from nitro_fakes import FakeHost, load_module, run_module
 
-from nitro_emulator import build
+from nitro_emulator import build, eif_writer
 
 ENCLAVE = load_module("nitro_enclave")
 NITRO_EIF = load_module("nitro_eif")
@@ -34,7 +34,7 @@ INFO = {
 
 def write(path: Path, *, kernel: bytes = b"REAL-LOOKING-KERNEL", flag: bool = False) -> Path:
     metadata = eif.make_metadata("t", "1.0", INFO, placeholder_blobs=flag)
-    eif.write_eif(path, kernel=kernel, cmdline="console=ttyS0", ramdisks=[b"BOOT", b"APP"], metadata=metadata)
+    eif_writer.write_eif(path, kernel=kernel, cmdline="console=ttyS0", ramdisks=[b"BOOT", b"APP"], metadata=metadata)
     return path
 
 

@@ -142,3 +142,38 @@ def test_lookups_of_missing_enclaves(emu_host: EmulatorHost) -> None:
     emu_host.sockets.rmdir()
     assert_cli_error(emu_host.run("describe-enclaves"), 7)
     assert_cli_error(emu_host.run("terminate-enclave", "--all"), 19)
+
+
+def test_signed_eif_checks_before_launch(emu_host: EmulatorHost, tmp_path: Path) -> None:
+    """A signed EIF whose certificate has expired or whose signature was altered fails as nitro-cli
+    fails it: the enclave process's E59 (PcrSignatureChecker), then the CLI's E39; a valid one gets past."""
+    import datetime as dt
+
+    from nitro_emulator import eif_writer, signing
+
+    from .conftest import load_nitro_fakes
+
+    fakes = load_nitro_fakes()
+    assert emu_host.allocate(2048, cpu_count=1).code == 0
+    now = dt.datetime.now(dt.UTC)
+    expired_cert, expired_key = fakes.make_cert(
+        tmp_path, "old", not_before=now - dt.timedelta(days=9), not_after=now - dt.timedelta(days=1)
+    )
+    good_cert, good_key = fakes.make_cert(tmp_path, "current")
+    expired, good, altered = tmp_path / "expired.eif", tmp_path / "good.eif", tmp_path / "altered.eif"
+    for path in (expired, good):
+        fakes.make_eif(path, size_pad=1 << 20)
+    eif_writer.sign_eif_file(expired, signing.make_signer(str(expired_cert), str(expired_key)))
+    eif_writer.sign_eif_file(good, signing.make_signer(str(good_cert), str(good_key)))
+    data = bytearray(good.read_bytes())
+    data[-1] ^= 0x01  # last byte of the COSE signature (r||s), the section being last
+    altered.write_bytes(bytes(data))
+
+    result = run(emu_host, expired, "--cpu-count", "1", "--memory", "128")
+    assert_enclave_error(result, 59, 'Invalid signing certificate: "The signing certificate is expired"')
+    result = run(emu_host, altered, "--cpu-count", "1", "--memory", "128")
+    assert_enclave_error(result, 59, "The EIF signature is not valid")
+    # Past the signature check: this unbootable image then fails later, on something else.
+    result = run(emu_host, good, "--cpu-count", "1", "--memory", "128")
+    assert "[ E59 ]" not in result.stderr
+    assert_no_leftovers(emu_host)

@@ -111,6 +111,7 @@ STANDIN_NITRO_CLI = r"""#!/opt/nitro-enclaves/venv/bin/python
 import json, os, subprocess, sys
 from pathlib import Path
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import eif
+from nitro_emulator import cpio, eif_writer
 from nitro_emulator.build import bootstrap_entries
 
 argv = sys.argv[1:]
@@ -128,11 +129,11 @@ elif argv[:1] == ["build-enclave"]:
             "OperatingSystem": "Linux", "KernelVersion": "4.14.256"}
     work = Path(opt("--output-file") + ".work")
     work.mkdir()
-    boot = eif.write_ramdisk(bootstrap_entries(blobs), work / "bootstrap", compress=False)
-    app = eif.write_ramdisk([eif.file_entry("rootfs/image-id", image_id.encode())], work / "app")
+    boot = cpio.write_ramdisk(bootstrap_entries(blobs), work / "bootstrap", compress=False)
+    app = cpio.write_ramdisk([cpio.file_entry("rootfs/image-id", image_id.encode())], work / "app")
     cmdline = (blobs / "cmdline").read_text().strip()
     metadata = eif.make_metadata(opt("--name"), opt("--version"), info)
-    pcrs = eif.write_eif(opt("--output-file"), kernel=blobs / "bzImage", cmdline=cmdline, ramdisks=[boot, app],
+    pcrs = eif_writer.write_eif(opt("--output-file"), kernel=blobs / "bzImage", cmdline=cmdline, ramdisks=[boot, app],
                          metadata=metadata)
     for part in work.iterdir():
         part.unlink()
@@ -310,9 +311,10 @@ def test_al2023_branch_installs_builds_on_the_host_and_distributes(tmp_path: Pat
 
 
 def test_placeholder_eif_is_refused_on_a_host_with_the_device(tmp_path: Path, al2023_host: str) -> None:
-    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import make_metadata, read_eif, write_eif
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import make_metadata, read_eif
 
     from nitro_emulator.build import DEFAULT_BLOBS
+    from nitro_emulator.eif_writer import write_eif
 
     build_dir = tmp_path / "build"
     build_dir.mkdir()
