@@ -82,7 +82,7 @@ sanity: venv
 	scripts/sanity.sh
 
 test-unit: venv prometheus
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest -n 2 tests/unit
 
 test-fast: lint test-unit
 
@@ -92,8 +92,11 @@ test-integration: setup
 test-molecule: setup
 	$(BIN)/pytest -n 2 tests/molecule
 
+# Unit tests are independent (two workers); integration tests share the emulated localhost and its
+# services, so they run one at a time; molecule scenarios each have their own hosts (two at a time).
 test: setup lint sanity
-	$(BIN)/pytest tests/unit tests/integration
+	$(BIN)/pytest -n 2 tests/unit
+	$(BIN)/pytest tests/integration
 	$(BIN)/pytest -n 2 tests/molecule
 
 # wrk (Debian) loads the gateway from C, so the figure is not the Python load generator's.
