@@ -1,6 +1,6 @@
 # Copyright: the nitro-enclaves-ansible authors
 # Apache License 2.0 (see pyproject.toml)
-"""Options the modules that talk to a Nitro host share (documented once, here)."""
+"""Requirements and options the modules that talk to a Nitro host share (documented once, here)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from __future__ import annotations
 class ModuleDocFragment:
     # nitro_cli_path: resolved by plugins/module_utils/nitro_cli.py find_nitro_cli().
     DOCUMENTATION = r"""
+requirements:
+  - python >= 3.11 on the host
+  - nitro-cli (L(aws-nitro-enclaves-cli,https://github.com/aws/aws-nitro-enclaves-cli)), or on hosts without
+    C(/dev/nitro_enclaves) the project's C(nitro-cli-emulator)
 options:
   nitro_cli_path:
     description:

@@ -47,10 +47,6 @@ attributes:
     support: full
   platform:
     platforms: posix
-requirements:
-  - python >= 3.11 on the host
-  - nitro-cli (L(aws-nitro-enclaves-cli,https://github.com/aws/aws-nitro-enclaves-cli)), or on hosts without
-    C(/dev/nitro_enclaves) the project's C(nitro-cli-emulator)
 extends_documentation_fragment:
   - nitro_enclaves.fleet.nitro_host
   - nitro_enclaves.fleet.nitro_host.sysfs
