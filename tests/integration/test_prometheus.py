@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -58,6 +59,16 @@ class Prometheus:
             assert time.monotonic() - start < timeout, f"Prometheus did not show {what} within {timeout:.0f} s"
             time.sleep(0.5)
         return time.monotonic() - start
+
+    def ready(self) -> bool:
+        """Prometheus answers 503 on every route until its TSDB is open; /-/ready says when it is."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as answer:
+                return answer.status == 200
+        except urllib.error.HTTPError as error:
+            if error.code == 503:
+                return False
+            raise
 
 
 @pytest.fixture
@@ -112,7 +123,9 @@ def prometheus(parent: chaos.Parent, tmp_path: Path) -> Iterator[Prometheus]:
         )  # fmt: skip
     try:
         wait_for_port("127.0.0.1", port, proc=proc)
-        yield Prometheus(f"http://127.0.0.1:{port}")
+        server = Prometheus(f"http://127.0.0.1:{port}")
+        server.wait("itself ready (/-/ready)", server.ready, 60)
+        yield server
     finally:
         proc.terminate()
         proc.wait(20)
