@@ -613,6 +613,8 @@ class _Connection(asyncio.Protocol):
         stats.connections_total += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.server.on_close is not None:
+            self.server.on_close()
         if self in self.server.connections:
             self.server.connections.discard(self)
             self.service.stats.connections -= 1
@@ -818,6 +820,7 @@ class TokenizerServer:
         config: ServerConfig | None = None,
         service: TokenizerService | None = None,
         listen_sock: socket.socket | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.config = config or ServerConfig()
         self.service = service or TokenizerService(self.config)
@@ -828,14 +831,33 @@ class TokenizerServer:
         self.slow_inflight = 0
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.on_close = on_close  # called once per connection served, when it ends (workers count them)
+        self._adopting: set[asyncio.Task[Any]] = set()
 
-    async def start(self) -> None:
-        sock = self._listen_sock or vsock.listen(self.config.port, self.config.cid)
-        sock.setblocking(False)
+    async def start(self, listen: bool = True) -> None:
+        """Listen (or, ``listen=False``, only serve the connections given to :meth:`adopt`)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), sock=sock)
+        if listen:
+            sock = self._listen_sock or vsock.listen(self.config.port, self.config.cid)
+            sock.setblocking(False)
+            self._server = await loop.create_server(lambda: _Connection(self), sock=sock)
+            log.info("listening on %s", vsock.describe(self.config.cid, self.config.port))
         self._sweeper = loop.create_task(self._sweep())
-        log.info("listening on %s", vsock.describe(self.config.cid, self.config.port))
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection accepted elsewhere (the workers' parent accepts and hands them over)."""
+        sock.setblocking(False)
+        task = asyncio.get_running_loop().create_task(
+            asyncio.get_running_loop().connect_accepted_socket(lambda: _Connection(self), sock)
+        )
+        self._adopting.add(task)
+        task.add_done_callback(self._adopted)
+
+    def _adopted(self, task: asyncio.Task[Any]) -> None:
+        self._adopting.discard(task)
+        # Never served (the socket failed before a connection was made): it still counts as ended.
+        if (task.cancelled() or task.exception() is not None) and self.on_close is not None:
+            self.on_close()
 
     async def _sweep(self) -> None:
         """Drop connections past their deadline (slowloris, stuck readers, idle); re-sample unsent output."""
@@ -863,10 +885,10 @@ class TokenizerServer:
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn.abort()
         if self._server is not None:
             self._server.close()
-            for conn in list(self.connections):
-                conn.abort()
             await self._server.wait_closed()
 
     async def serve_forever(self) -> None:
