@@ -74,6 +74,8 @@ class ServerConfig:
     # Worker processes sharing the listener (enclave_tokenizer.workers); 0: one per CPU this process may
     # run on (the enclave's vCPUs; the emulator pins the enclave to its CPUs).
     workers: int = 0
+    # µs the event loop polls before it sleeps (enclave_tokenizer.eventloop); 0: plain asyncio.
+    busy_poll_us: int = 50
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ServerConfig:
@@ -599,8 +601,7 @@ class _Connection(asyncio.Protocol):
 
     # -- lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         stats = self.service.stats
         if len(self.server.connections) >= self.server.config.max_connections:
             stats.rejected_busy += 1
@@ -920,7 +921,9 @@ def main(argv: list[str] | None = None) -> int:
     count = workers.worker_count(config)
     if count > 1:
         return workers.serve(config, count)
-    asyncio.run(TokenizerServer(config).serve_forever())
+    from . import eventloop
+
+    eventloop.run(TokenizerServer(config).serve_forever(), config.busy_poll_us)
     return 0
 
 

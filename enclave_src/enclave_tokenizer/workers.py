@@ -40,7 +40,7 @@ import struct
 import time
 from typing import Any
 
-from . import vsock
+from . import eventloop, vsock
 from .server import ServerConfig, Stats, TokenizerServer, TokenizerService, _KeyState
 from .tokens import Tokenizer
 
@@ -270,7 +270,7 @@ class _Pool:
                     parent_end.close()  # only the parent hands over connections
                     if other != index:
                         worker_end.close()
-                asyncio.run(self._worker(index, self.channels[index][1]))
+                eventloop.run(self._worker(index, self.channels[index][1]), self.config.busy_poll_us)
                 code = 0
             except BaseException as exc:  # only the type: a message could quote input
                 log.error("worker %d failed: %s", index, type(exc).__name__)
