@@ -402,9 +402,12 @@ class Gateway:
     # ---------------------------------------------------------------- HTTP handlers
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
-            # A body that never completes (a huge chunk size, a slow sender) does not hold a handler.
-            async with asyncio.timeout(self.config.request_timeout):
+            if request.content.is_eof():  # all received with the headers (the usual small body): no wait
                 raw = await request.read()
+            else:
+                # A body that never completes (a huge chunk size, a slow sender) does not hold a handler.
+                async with asyncio.timeout(self.config.request_timeout):
+                    raw = await request.read()
         except TimeoutError:
             raise TokenizerError("request_timeout", "request body not received in time") from None
         try:
