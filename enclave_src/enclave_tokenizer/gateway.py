@@ -33,7 +33,8 @@ from aiohttp import http_exceptions, web, web_protocol
 from . import http_api, parent, protocol, redaction
 from .client import AsyncClient, EnclaveUnavailable, TokenizerError
 from .http_api import route_pattern as _route
-from .metrics import GatewayMetrics
+from .metrics import GatewayMetrics, traffic_store
+from .metrics_store import TrafficStore
 from .parent import ConfigError, GatewayConfig
 from .supervisor_state import read_status
 from .tokens import MODES
@@ -209,7 +210,9 @@ class _Runner(web.AppRunner):
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, monitor: bool = True) -> None:
+    def __init__(
+        self, config: GatewayConfig, monitor: bool = True, store: TrafficStore | None = None, worker: int = 0
+    ) -> None:
         self.config = config
         self._monitored = monitor  # one monitor per host: extra worker processes (gateway_workers) run none
         self.cid: int | None = config.enclave_cid
@@ -226,7 +229,9 @@ class Gateway:
         self.unexpected_key_change: dict[str, str] | None = None
         self._rotating = False
         self._recovery: asyncio.Future[dict[str, Any]] | None = None  # the check held requests share
-        self.metrics = GatewayMetrics(self, config.metrics_self_check_interval) if config.metrics else None
+        # ``store``: the traffic counters all the gateway's processes share (``worker``: this one's slot).
+        interval = config.metrics_self_check_interval
+        self.metrics = GatewayMetrics(self, interval, store, worker) if config.metrics else None
 
     def _current_cid(self) -> int:
         if self.cid is None:
@@ -397,9 +402,12 @@ class Gateway:
     # ---------------------------------------------------------------- HTTP handlers
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
-            # A body that never completes (a huge chunk size, a slow sender) does not hold a handler.
-            async with asyncio.timeout(self.config.request_timeout):
+            if request.content.is_eof():  # all received with the headers (the usual small body): no wait
                 raw = await request.read()
+            else:
+                # A body that never completes (a huge chunk size, a slow sender) does not hold a handler.
+                async with asyncio.timeout(self.config.request_timeout):
+                    raw = await request.read()
         except TimeoutError:
             raise TokenizerError("request_timeout", "request body not received in time") from None
         try:
@@ -565,11 +573,14 @@ async def serve(
     signals: bool = False,
     upgrade: UpgradeWatch | None = None,
     worker: int = 0,
+    *,
+    store: TrafficStore | None = None,
 ) -> bool:
     """Run until cancelled (tests) or, with ``signals``, until SIGTERM/SIGINT (service). With ``upgrade``,
     also stop (after the in-flight requests) once the tools were upgraded: returns True then. ``worker``:
-    this process's index among ``config.workers`` sharing the port (only worker 0 monitors the enclave)."""
-    runner = _Runner(Gateway(config, monitor=worker == 0).app(), access_log=None)
+    this process's index among ``config.workers`` sharing the port (only worker 0 monitors the enclave),
+    ``store`` the metrics they share (made before the fork)."""
+    runner = _Runner(Gateway(config, monitor=worker == 0, store=store, worker=worker).app(), access_log=None)
     await runner.setup()
     reuse = config.workers > 1 or None  # several processes bind the port; the kernel spreads connections
     site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024, reuse_port=reuse)
@@ -617,10 +628,14 @@ def main(argv: list[str] | None = None) -> int:
     redaction.setup(config.log_level, log_format=config.log_format)  # every record masked, aiohttp's too
     from . import gateway_workers
 
-    # Extra worker processes first (forked before any event loop exists); this process is worker 0.
-    children = gateway_workers.start(config.workers, lambda worker: serve(config, signals=True, worker=worker))
+    # The metrics every process counts into, then the extra worker processes (forked before any event loop
+    # exists); this process is worker 0.
+    store = traffic_store(config.workers) if config.metrics and config.workers > 1 else None
+    children = gateway_workers.start(
+        config.workers, lambda worker: serve(config, signals=True, worker=worker, store=store)
+    )
     try:
-        upgraded = asyncio.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp())))
+        upgraded = asyncio.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp()), store=store))
     finally:
         gateway_workers.stop(children)
     if upgraded:

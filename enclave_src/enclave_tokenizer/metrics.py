@@ -13,12 +13,16 @@ label-free gauge whose value is that 32-bit number, so a key change is ``changes
 
 The supervisor reports through its status file (supervisor_state.StatusFile), which the gateway already
 reads for /healthz: relaunch count, last relaunch reason and time, state. No second listener per host.
+
+Several gateway processes (``workers``): the traffic is counted in shared memory, one slot per process,
+summed at scrape time (metrics_store); the state only the main process (worker 0) observes (nitro-cli's
+enclave state, provisioning, the self-check's attestation and canary, which only it runs) is published by
+it every second for the others' scrapes. Whichever process answers a scrape, it gives the gateway's figures.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import itertools
 import json
@@ -33,6 +37,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .client import TokenizerError
+from .metrics_store import LATENCY_BUCKETS as _LATENCY_BUCKETS
+from .metrics_store import TrafficStore
 from .supervisor_state import RELAUNCH_REASONS, STATES, read_status
 
 if TYPE_CHECKING:
@@ -55,8 +61,20 @@ RESULT_CODES = frozenset(
 ENCLAVE_OPS = frozenset({"tokenize", "detokenize", "health", "attest", "provision"})
 _ROUTE_OPS = {"/v1/tokenize": "tokenize", "/v1/detokenize": "detokenize", "/healthz": "health", "/metrics": "metrics"}
 NITRO_STATES = ("RUNNING", "TERMINATING", "NOT_FOUND", "UNKNOWN", "UNCHECKED")
-# Gateway answers are sub-millisecond to seconds (a request held while the enclave relaunches).
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_ROUTES = (*_ROUTE_OPS, "unmatched")
+_CODES = (*sorted(RESULT_CODES), "other")
+_PUBLISH_S = 1.0
+
+
+def series() -> list[tuple[str, str, str]]:
+    """Every series of the traffic store: ("http", route, code) and ("enclave", op, code)."""
+    http = [("http", route, code) for route in _ROUTES for code in _CODES]
+    return http + [("enclave", op, code) for op in (*sorted(ENCLAVE_OPS), "other") for code in _CODES]
+
+
+def traffic_store(processes: int = 1) -> TrafficStore:
+    """The shared counters of ``processes`` gateway processes (made before they are forked)."""
+    return TrafficStore(series(), processes)
 
 
 def result_code(response: web.StreamResponse) -> str:
@@ -104,48 +122,36 @@ def _items(request: dict[str, Any], result: dict[str, Any]) -> tuple[int, int]:
     return 1, 0
 
 
-class _Timings:
-    """Count, sum and bucket counts of one labelled series (a histogram's child), updated without a lock:
-    the gateway is one event loop, and a scrape reads between two updates. prometheus_client's own
-    Counter/Histogram take a lock per update (three per request): that showed in the request rate."""
-
-    __slots__ = ("buckets", "count", "sum")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.sum = 0.0
-        self.buckets = [0] * (len(_LATENCY_BUCKETS) + 1)  # the last one: above the largest bound (+Inf)
-
-    def observe(self, seconds: float) -> None:
-        self.count += 1
-        self.sum += seconds
-        self.buckets[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-
-
-def _histogram(name: str, doc: str, label: str, series: dict[str, list[_Timings]]) -> HistogramMetricFamily:
+def _histogram(
+    name: str, doc: str, label: str, series: dict[str, list[tuple[int, list[int], float]]]
+) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, doc, labels=[label])
     for value, parts in sorted(series.items()):
-        counts = [sum(t.buckets[i] for t in parts) for i in range(len(_LATENCY_BUCKETS) + 1)]
+        counts = [sum(part[1][i] for part in parts) for i in range(len(_LATENCY_BUCKETS) + 1)]
         cumulative = list(itertools.accumulate(counts))
         buckets = [(repr(b), c) for b, c in zip(_LATENCY_BUCKETS, cumulative, strict=False)]
-        family.add_metric([value], [*buckets, ("+Inf", cumulative[-1])], sum(t.sum for t in parts))
+        family.add_metric([value], [*buckets, ("+Inf", cumulative[-1])], sum(part[2] for part in parts))
     return family
 
 
 class GatewayMetrics:
-    """One gateway's metrics, in a registry of its own (tests run several gateways in one process)."""
+    """One gateway's metrics, in a registry of its own (tests run several gateways in one process).
 
-    def __init__(self, gateway: Gateway, self_check_interval: float = 300.0) -> None:
+    ``store``: the traffic counters shared by the gateway's processes (traffic_store, made before the fork),
+    ``worker`` this process's index among them; without it, counters of this process alone."""
+
+    def __init__(
+        self, gateway: Gateway, self_check_interval: float = 300.0, store: TrafficStore | None = None, worker: int = 0
+    ) -> None:
         self.gateway = gateway
         self.self_check_interval = self_check_interval
         self.registry = CollectorRegistry(auto_describe=False)
-        # (route, code) and (op, code) -> timings; the counters by code are their counts.
-        self.requests: dict[tuple[str, str], _Timings] = {}
-        self.enclave_requests: dict[tuple[str, str], _Timings] = {}
-        self.items: dict[str, int] = {}
-        self.item_errors: dict[str, int] = {}
-        self.in_flight = 0
-        self.attest_failures = 0
+        self.store = store if store is not None else traffic_store()
+        self.store.use(worker)
+        self.worker = worker
+        # (route, code) and (op, code) -> this process's series; the counters by code are their counts.
+        self.requests = {(k[1], k[2]): v for k, v in self.store.series.items() if k[0] == "http"}
+        self.enclave_requests = {(k[1], k[2]): v for k, v in self.store.series.items() if k[0] == "enclave"}
         self.answering: bool = False
         self.health: dict[str, Any] = {}
         self.attested_at: float | None = None  # time.time() of the last valid attestation
@@ -153,17 +159,19 @@ class GatewayMetrics:
         self.canary_ok: bool | None = None
         self.canary_at: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
         self.registry.register(_TrafficCollector(self))
         self.registry.register(_StateCollector(self))
         self._wrap_enclave_calls()
 
     # ---------------------------------------------------------------- hooks
     def install(self, app: web.Application) -> None:
-        """Add the middleware (outermost: it sees the final JSON answers), GET /metrics and the periodic
-        attestation + canary self-check."""
+        """Add the middleware (outermost: it sees the final JSON answers), GET /metrics, the periodic
+        attestation + canary self-check (worker 0 only: one per host) and, with several processes, the
+        publication of what each observes alone."""
         app.middlewares.insert(0, self._middleware)
         app.router.add_get("/metrics", self.handle)
-        if self.self_check_interval > 0:
+        if (self.self_check_interval > 0 and self.worker == 0) or self.store.processes > 1:
             app.on_startup.append(self._start)
             app.on_cleanup.append(self._stop)
 
@@ -179,10 +187,8 @@ class GatewayMetrics:
             code = "ok" if exc.status < 400 else "other"
             raise
         finally:
-            key = (_route(request), code)
-            timings = self.requests.get(key)
-            if timings is None:
-                timings = self.requests[key] = _Timings()
+            route = _route(request)
+            timings = self.requests.get((route, code)) or self.requests[(route, "other")]
             timings.observe(time.perf_counter() - start)
 
     def _wrap_enclave_calls(self) -> None:
@@ -190,30 +196,29 @@ class GatewayMetrics:
         gateway = self.gateway
         client_request = gateway.client.request
 
+        store = self.store
+
         def observe(op: str, code: str, seconds: float) -> None:
-            timings = self.enclave_requests.get((op, code))
-            if timings is None:
-                timings = self.enclave_requests[(op, code)] = _Timings()
-            timings.observe(seconds)
+            (self.enclave_requests.get((op, code)) or self.enclave_requests[(op, "other")]).observe(seconds)
 
         async def request(enclave_request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
             op = enclave_request.get("op")
             op = op if op in ENCLAVE_OPS else "other"
             start = time.perf_counter()
-            self.in_flight += 1
+            store.add("in_flight", 1)
             try:
                 result = await client_request(enclave_request, timeout)
             except TokenizerError as exc:
                 observe(op, exc.code if exc.code in RESULT_CODES else "other", time.perf_counter() - start)
                 raise
             finally:
-                self.in_flight -= 1
+                store.add("in_flight", -1)
             observe(op, "ok", time.perf_counter() - start)
             if op in ("tokenize", "detokenize"):
                 done, refused = _items(enclave_request, result)
-                self.items[op] = self.items.get(op, 0) + done
+                store.add(f"{op}_items", done)
                 if refused:
-                    self.item_errors[op] = self.item_errors.get(op, 0) + refused
+                    store.add(f"{op}_errors", refused)
             return result
 
         gateway.client.request = request  # type: ignore[method-assign]
@@ -225,7 +230,7 @@ class GatewayMetrics:
             if self.attest_ok:
                 self.attested_at = time.time()
             else:
-                self.attest_failures += 1
+                store.add("attest_failures", 1)
             return result
 
         async def canaried() -> dict[str, Any]:
@@ -247,18 +252,55 @@ class GatewayMetrics:
 
     async def handle(self, request: web.Request) -> web.Response:
         await self.probe()
+        self._publish()
         # The classic text format (0.0.4): what every Prometheus 2.x (Debian 12 ships 2.42) parses.
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     # ---------------------------------------------------------------- self-check
     async def _start(self, app: web.Application) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._self_check_loop())
+        loop = asyncio.get_running_loop()
+        if self.self_check_interval > 0 and self.worker == 0:
+            self._task = loop.create_task(self._self_check_loop())
+        if self.store.processes > 1:
+            self._publisher = loop.create_task(self._publish_loop())
 
     async def _stop(self, app: web.Application) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._publisher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def state(self) -> dict[str, Any]:
+        """What worker 0 alone observes, as the state collector reads it (published for the other workers)."""
+        if self.worker != 0:
+            return self.store.read_state() or {"enclave": {}, "provision_failures": 0, "unexpected": False}
+        gateway = self.gateway
+        return {
+            "enclave": gateway.enclave,
+            "provision_failures": gateway.provision_failures,
+            "unexpected": bool(gateway.unexpected_key_change),
+            "attested_at": self.attested_at,
+            "attest_ok": self.attest_ok,
+            "canary_ok": self.canary_ok,
+            "canary_at": self.canary_at,
+        }
+
+    def _publish(self) -> None:
+        """This process's pool in its slot; worker 0's state for the others' scrapes."""
+        slots = getattr(self.gateway.client, "_slots", [])
+        self.store.set("pool_size", len(slots))
+        self.store.set("pool_connections", sum(1 for c in slots if c is not None and not c.closed))
+        if self.worker == 0 and self.store.processes > 1:
+            self.store.publish_state(self.state())
+
+    async def _publish_loop(self) -> None:
+        while True:
+            try:
+                self._publish()
+            except Exception as exc:  # the loop must outlive any single failure
+                log.error("metrics publication: %s", type(exc).__name__)
+            await asyncio.sleep(_PUBLISH_S)
 
     async def _self_check_loop(self) -> None:
         """Attest and tokenize the canary every interval once the enclave holds its key, so "seconds since
@@ -284,28 +326,32 @@ class _TrafficCollector(Collector):
 
     def collect(self) -> list[Metric]:
         m = self.m
+        store = m.store
+        totals = store.totals()
         requests = CounterMetricFamily(
             f"{PREFIX}_gateway_requests", "HTTP requests answered, by route, op and result code",
             labels=["route", "op", "code"],
         )  # fmt: skip
-        by_route: dict[str, list[_Timings]] = {}
-        for (route, code), timings in sorted(m.requests.items()):
-            requests.add_metric([route, _ROUTE_OPS.get(route, "none"), code], timings.count)
-            by_route.setdefault(route, []).append(timings)
+        by_route: dict[str, list[tuple[int, list[int], float]]] = {}
+        by_op: dict[str, list[tuple[int, list[int], float]]] = {}
+        for (kind, label, code), total in sorted(totals.items()):
+            if kind == "http":
+                requests.add_metric([label, _ROUTE_OPS.get(label, "none"), code], total[0])
+                by_route.setdefault(label, []).append(total)
         enclave = CounterMetricFamily(
             f"{PREFIX}_enclave_requests", "Requests to the enclave app, by op and result code", labels=["op", "code"]
         )
-        by_op: dict[str, list[_Timings]] = {}
-        for (op, code), timings in sorted(m.enclave_requests.items()):
-            enclave.add_metric([op, code], timings.count)
-            by_op.setdefault(op, []).append(timings)
+        for (kind, label, code), total in sorted(totals.items()):
+            if kind == "enclave":
+                enclave.add_metric([label, code], total[0])
+                by_op.setdefault(label, []).append(total)
         items = CounterMetricFamily(
             f"{PREFIX}_tokens_processed", "Card numbers tokenized / tokens detokenized", labels=["op"]
         )
         errors = CounterMetricFamily(f"{PREFIX}_token_errors", "Batch items refused (invalid input)", labels=["op"])
         for op in ("tokenize", "detokenize"):
-            items.add_metric([op], m.items.get(op, 0))
-            errors.add_metric([op], m.item_errors.get(op, 0))
+            items.add_metric([op], store.total(f"{op}_items"))
+            errors.add_metric([op], store.total(f"{op}_errors"))
         return [
             requests,
             _histogram(f"{PREFIX}_gateway_request_duration_seconds", "Time to answer an HTTP request (holds "
@@ -315,8 +361,9 @@ class _TrafficCollector(Collector):
             items,
             errors,
             GaugeMetricFamily(f"{PREFIX}_enclave_requests_in_flight", "Enclave requests awaiting an answer",
-                              value=m.in_flight),
-            CounterMetricFamily(f"{PREFIX}_attestation_failures", "Failed attestation checks", value=m.attest_failures),
+                              value=store.total("in_flight")),
+            CounterMetricFamily(f"{PREFIX}_attestation_failures", "Failed attestation checks",
+                                value=store.total("attest_failures")),
         ]  # fmt: skip
 
 
@@ -327,14 +374,15 @@ class _StateCollector(Collector):
         self.m = metrics
 
     def collect(self) -> list[Metric]:
-        m, gateway = self.m, self.m.gateway
+        m = self.m
+        st = m.state()  # worker 0's own, or as it last published it
         out: list[Metric] = []
 
         def gauge(name: str, doc: str, value: float | None) -> None:
             if value is not None:
                 out.append(GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value))
 
-        state = gateway.enclave.get("state")
+        state = (st.get("enclave") or {}).get("state")
         gauge("enclave_up", "1 when the enclave app answered this scrape's health request", float(m.answering))
         family = GaugeMetricFamily(f"{PREFIX}_enclave_state", "nitro-cli state (last describe)", labels=["state"])
         for name in NITRO_STATES:
@@ -346,18 +394,17 @@ class _StateCollector(Collector):
         gauge("key_check", "Data key check value as a number (public, one-way)", key_check)
         generation = m.health.get("key_generation")
         gauge("key_generation", "Data key generation", float(generation) if isinstance(generation, int) else None)
-        gauge("provision_failures", "Consecutive failed provisioning attempts", float(gateway.provision_failures))
-        unexpected = float(bool(gateway.unexpected_key_change))
-        gauge("key_unexpected_change", "1 after a key change no rotation asked for", unexpected)
-        age = time.time() - m.attested_at if m.attested_at is not None else float("inf")
+        gauge("provision_failures", "Consecutive failed provisioning attempts", float(st["provision_failures"]))
+        gauge("key_unexpected_change", "1 after a key change no rotation asked for", float(bool(st["unexpected"])))
+        attested_at, attest_ok, canary_ok = st.get("attested_at"), st.get("attest_ok"), st.get("canary_ok")
+        age = time.time() - attested_at if attested_at is not None else float("inf")
         gauge("attestation_age_seconds", "Seconds since the last valid attestation (+Inf: never)", age)
-        gauge("attestation_ok", "Last attestation check valid", None if m.attest_ok is None else float(m.attest_ok))
-        gauge("canary_ok", "Last canary tokenization ok", None if m.canary_ok is None else float(m.canary_ok))
-        gauge("canary_last_run_timestamp_seconds", "When the canary last ran", m.canary_at)
-        slots = getattr(gateway.client, "_slots", [])
-        gauge("pool_size", "vsock connections the pool may hold", float(len(slots)))
-        open_connections = sum(1 for c in slots if c is not None and not c.closed)
-        gauge("pool_connections", "Open vsock connections to the enclave", float(open_connections))
+        gauge("attestation_ok", "Last attestation check valid", None if attest_ok is None else float(attest_ok))
+        gauge("canary_ok", "Last canary tokenization ok", None if canary_ok is None else float(canary_ok))
+        gauge("canary_last_run_timestamp_seconds", "When the canary last ran", st.get("canary_at"))
+        # Every process's pool, summed (each sets its own at its scrapes and every second).
+        gauge("pool_size", "vsock connections the pool may hold", float(m.store.total("pool_size")))
+        gauge("pool_connections", "Open vsock connections to the enclave", float(m.store.total("pool_connections")))
         out.extend(self._supervisor())
         return out
 

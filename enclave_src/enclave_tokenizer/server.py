@@ -74,6 +74,8 @@ class ServerConfig:
     # Worker processes sharing the listener (enclave_tokenizer.workers); 0: one per CPU this process may
     # run on (the enclave's vCPUs; the emulator pins the enclave to its CPUs).
     workers: int = 0
+    # µs the event loop polls before it sleeps (enclave_tokenizer.eventloop); 0: plain asyncio.
+    busy_poll_us: int = 50
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ServerConfig:
@@ -599,8 +601,7 @@ class _Connection(asyncio.Protocol):
 
     # -- lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         stats = self.service.stats
         if len(self.server.connections) >= self.server.config.max_connections:
             stats.rejected_busy += 1
@@ -613,6 +614,8 @@ class _Connection(asyncio.Protocol):
         stats.connections_total += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.server.on_close is not None:
+            self.server.on_close()
         if self in self.server.connections:
             self.server.connections.discard(self)
             self.service.stats.connections -= 1
@@ -818,6 +821,7 @@ class TokenizerServer:
         config: ServerConfig | None = None,
         service: TokenizerService | None = None,
         listen_sock: socket.socket | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.config = config or ServerConfig()
         self.service = service or TokenizerService(self.config)
@@ -828,14 +832,33 @@ class TokenizerServer:
         self.slow_inflight = 0
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.on_close = on_close  # called once per connection served, when it ends (workers count them)
+        self._adopting: set[asyncio.Task[Any]] = set()
 
-    async def start(self) -> None:
-        sock = self._listen_sock or vsock.listen(self.config.port, self.config.cid)
-        sock.setblocking(False)
+    async def start(self, listen: bool = True) -> None:
+        """Listen (or, ``listen=False``, only serve the connections given to :meth:`adopt`)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), sock=sock)
+        if listen:
+            sock = self._listen_sock or vsock.listen(self.config.port, self.config.cid)
+            sock.setblocking(False)
+            self._server = await loop.create_server(lambda: _Connection(self), sock=sock)
+            log.info("listening on %s", vsock.describe(self.config.cid, self.config.port))
         self._sweeper = loop.create_task(self._sweep())
-        log.info("listening on %s", vsock.describe(self.config.cid, self.config.port))
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection accepted elsewhere (the workers' parent accepts and hands them over)."""
+        sock.setblocking(False)
+        task = asyncio.get_running_loop().create_task(
+            asyncio.get_running_loop().connect_accepted_socket(lambda: _Connection(self), sock)
+        )
+        self._adopting.add(task)
+        task.add_done_callback(self._adopted)
+
+    def _adopted(self, task: asyncio.Task[Any]) -> None:
+        self._adopting.discard(task)
+        # Never served (the socket failed before a connection was made): it still counts as ended.
+        if (task.cancelled() or task.exception() is not None) and self.on_close is not None:
+            self.on_close()
 
     async def _sweep(self) -> None:
         """Drop connections past their deadline (slowloris, stuck readers, idle); re-sample unsent output."""
@@ -863,10 +886,10 @@ class TokenizerServer:
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn.abort()
         if self._server is not None:
             self._server.close()
-            for conn in list(self.connections):
-                conn.abort()
             await self._server.wait_closed()
 
     async def serve_forever(self) -> None:
@@ -898,7 +921,9 @@ def main(argv: list[str] | None = None) -> int:
     count = workers.worker_count(config)
     if count > 1:
         return workers.serve(config, count)
-    asyncio.run(TokenizerServer(config).serve_forever())
+    from . import eventloop
+
+    eventloop.run(TokenizerServer(config).serve_forever(), config.busy_poll_us)
     return 0
 
 

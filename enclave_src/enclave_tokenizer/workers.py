@@ -1,11 +1,14 @@
 """Multi-process serving: one vsock listener, one worker process per vCPU of the enclave.
 
 CPython runs one thread of Python at a time, so a single process tokenizes on one vCPU. The parent opens
-the listener and forks ``workers`` processes, each an ordinary TokenizerServer on that inherited socket:
-the kernel gives each new connection to one worker, which reads and answers all of it, so answers keep
-their per-connection order and every ServerConfig bound holds in each worker (the memory budgets and
-connection/slow-op caps are divided between the workers, so the enclave-wide totals stay those of the
-configuration). A parallel client (the gateway's connection pool) keeps every vCPU busy.
+the listener and forks ``workers`` processes, each an ordinary TokenizerServer. The parent accepts every
+connection and hands it (SCM_RIGHTS over a socketpair) to the worker holding the fewest open connections:
+left to the kernel, a shared listener gave both connections of a 2-connection client to the same worker
+(asyncio accepts every pending connection on each wake-up), so the second vCPU stayed idle. One worker
+reads and answers all of a connection, so answers keep their per-connection order and every ServerConfig
+bound holds in each worker (the memory budgets and connection/slow-op caps are divided between the
+workers, so the enclave-wide totals stay those of the configuration). A parallel client (the gateway's
+connection pool) keeps every vCPU busy.
 
 The workers share the data key state. It lives in an anonymous shared memory file (memfd, nothing on
 disk, gone with the enclave): a provision takes a process-wide lock (a POSIX record lock on
@@ -13,9 +16,10 @@ that file, released by the kernel if its holder dies), starts from the key state
 writes the outcome, success or refusal, before answering. Every request first compares the state's
 version (8 bytes of shared memory) with the one its worker loaded, so no request answered after a
 provision uses the key it replaced. Each worker also publishes its counters there: ``health`` reports
-the enclave's totals (connections, requests, tokens, dropped connections) and which worker answered.
-The parent only forks, replaces a worker that died, and forwards SIGTERM/SIGINT; workers stop when the
-parent is gone.
+the enclave's totals (connections, requests, tokens, dropped connections) and which worker answered, and
+the parent reads how many of the connections it handed over each worker has closed.
+The parent only accepts, forks, replaces a worker that died, and forwards SIGTERM/SIGINT; workers stop
+when the parent is gone.
 """
 
 from __future__ import annotations
@@ -29,14 +33,14 @@ import json
 import logging
 import mmap
 import os
-import select
+import selectors
 import signal
 import socket
 import struct
 import time
 from typing import Any
 
-from . import vsock
+from . import eventloop, vsock
 from .server import ServerConfig, Stats, TokenizerServer, TokenizerService, _KeyState
 from .tokens import Tokenizer
 
@@ -58,6 +62,10 @@ _STATS = (
     "tokens",
 )
 _SLOT = struct.Struct(f"<{len(_STATS)}q")
+# After the counter slots: per worker, the connections it was handed and has closed (exact, not sampled).
+_CLOSED = struct.Struct("<q")
+_CLOSED_OFFSET = _SHARE_BYTES - (1 << 12)
+_MAX_WORKERS = (_CLOSED_OFFSET - _STATS_OFFSET) // _SLOT.size
 _STATS_PUBLISH_S = 0.25
 _RESPAWN_DELAY_S = 1.0
 
@@ -152,6 +160,17 @@ class KeyShare:
         slots = [_SLOT.unpack_from(self.memory, _STATS_OFFSET + i * _SLOT.size) for i in range(count)]
         return dict(zip(_STATS, map(sum, zip(*slots, strict=True)), strict=True))
 
+    def count_closed(self, index: int) -> None:
+        """One more handed-over connection closed by worker ``index`` (only that worker writes its slot)."""
+        offset = _CLOSED_OFFSET + index * _CLOSED.size
+        _CLOSED.pack_into(self.memory, offset, _CLOSED.unpack_from(self.memory, offset)[0] + 1)
+
+    def closed(self, index: int) -> int:
+        return _CLOSED.unpack_from(self.memory, _CLOSED_OFFSET + index * _CLOSED.size)[0]
+
+    def reset_closed(self, index: int) -> None:
+        _CLOSED.pack_into(self.memory, _CLOSED_OFFSET + index * _CLOSED.size, 0)
+
     def lock(self) -> None:
         fcntl.lockf(self.fd, fcntl.LOCK_EX)  # blocks; call from a thread
 
@@ -220,40 +239,70 @@ class SharedKeyService(TokenizerService):
 
 @dataclasses.dataclass
 class _Pool:
-    """What every worker inherits: its bounds, the listener, the key share, the parent's liveness pipe."""
+    """What every worker inherits: its bounds, the key share, the parent's liveness pipe; and, per worker,
+    the socketpair connections are handed over on (the parent keeps end 0, the worker end 1)."""
 
     config: ServerConfig
-    sock: socket.socket
     share: KeyShare
     count: int
     alive: tuple[int, int]  # the parent keeps the write end open; workers watch the read end
+    channels: dict[int, tuple[socket.socket, socket.socket]] = dataclasses.field(default_factory=dict)
+    handed: list[int] = dataclasses.field(default_factory=list)  # connections handed to each worker
+    _turn: int = 0
 
     def fork(self, index: int) -> int:
+        old = self.channels.pop(index, None)
+        if old is not None:
+            old[0].close()
+        self.channels[index] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.share.reset_closed(index)
+        self.handed[index] = 0
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the parent's code
             code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.set_wakeup_fd(-1)
                 os.close(self.alive[1])
-                asyncio.run(self._worker(index))
+                for other, (parent_end, worker_end) in self.channels.items():
+                    parent_end.close()  # only the parent hands over connections
+                    if other != index:
+                        worker_end.close()
+                eventloop.run(self._worker(index, self.channels[index][1]), self.config.busy_poll_us)
                 code = 0
             except BaseException as exc:  # only the type: a message could quote input
                 log.error("worker %d failed: %s", index, type(exc).__name__)
             finally:
                 os._exit(code)
+        self.channels[index][1].close()
         return pid
 
-    async def _worker(self, index: int) -> None:
+    def dispatch(self, conn: socket.socket) -> None:
+        """Hand ``conn`` to the worker with the fewest open connections (round robin among equals)."""
+        loads = [(self.handed[i] - self.share.closed(i), (i - self._turn) % self.count) for i in range(self.count)]
+        index = min(range(self.count), key=loads.__getitem__)
+        self._turn = (index + 1) % self.count
+        try:
+            socket.send_fds(self.channels[index][0], [b"c"], [conn.fileno()])
+            self.handed[index] += 1
+        except OSError as exc:  # that worker is gone (its replacement gets a new channel): drop the client
+            log.error("could not hand a connection to worker %d: %s", index, type(exc).__name__)
+        conn.close()
+
+    async def _worker(self, index: int, channel: socket.socket) -> None:
         service = SharedKeyService(self.config, self.share, index, self.count)
-        server = TokenizerServer(self.config, service=service, listen_sock=self.sock)
+        server = TokenizerServer(self.config, service=service, on_close=lambda: self.share.count_closed(index))
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         # EOF on the liveness pipe: the parent is gone, and the enclave app with it.
         loop.add_reader(self.alive[0], stop.set)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await server.start()
+        await server.start(listen=False)
+        channel.setblocking(False)
+        loop.add_reader(channel, _adopt, server, channel, stop)
         while not stop.is_set():
             self.share.publish_stats(index, service.stats)
             with contextlib.suppress(TimeoutError):
@@ -261,43 +310,93 @@ class _Pool:
         await server.close()
 
 
+def _adopt(server: TokenizerServer, channel: socket.socket, stop: asyncio.Event) -> None:
+    """Serve the connections the parent handed over (EOF: the parent is gone)."""
+    try:
+        _data, fds, _flags, _addr = socket.recv_fds(channel, 64, 64)
+    except BlockingIOError:
+        return
+    if not _data:
+        stop.set()
+        return
+    for fd in fds:
+        server.adopt(socket.socket(fileno=fd))
+
+
 def serve(config: ServerConfig, count: int, initial: _KeyState | None = None) -> int:
-    """Open the listener, run ``count`` workers on it until SIGTERM/SIGINT, replacing any that dies.
-    ``initial``: a key state to start with (benchmarks; the enclave starts with none)."""
-    if count * _SLOT.size > _SHARE_BYTES - _STATS_OFFSET:
-        raise ValueError(f"at most {(_SHARE_BYTES - _STATS_OFFSET) // _SLOT.size} workers")
+    """Open the listener, run ``count`` workers until SIGTERM/SIGINT, handing each connection to one and
+    replacing any that dies. ``initial``: a key state to start with (benchmarks; the enclave starts with none)."""
+    if count > _MAX_WORKERS:
+        raise ValueError(f"at most {_MAX_WORKERS} workers")
     share = KeyShare()
     if initial is not None:
         share.write(dump_key_state(initial))
-    pool = _Pool(worker_config(config, count), vsock.listen(config.port, config.cid), share, count, os.pipe())
+    listener = vsock.listen(config.port, config.cid)
+    listener.setblocking(False)
+    pool = _Pool(worker_config(config, count), share, count, os.pipe(), handed=[0] * count)
     log.info("listening on %s with %d worker processes", vsock.describe(config.cid, config.port), count)
-    workers: dict[int, int] = {}  # pid -> index
+    # Signals only wake the selector (set_wakeup_fd); they are handled in the loop, not in a handler.
+    wake_read, wake_write = socket.socketpair()
+    wake_read.setblocking(False)
+    wake_write.setblocking(False)
+    signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, lambda _signum, _frame: None)
+    workers: dict[int, int] = {pool.fork(index): index for index in range(count)}  # pid -> index
+    try:
+        _parent_loop(pool, listener, wake_read, workers)
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(pool.alive[1])
+        listener.close()
+    return 0
+
+
+def _parent_loop(pool: _Pool, listener: socket.socket, wake: socket.socket, workers: dict[int, int]) -> None:
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    selector.register(wake, selectors.EVENT_READ)
+    respawn: dict[int, float] = {}  # index -> when to start it again
     stopping = False
+    while workers or (respawn and not stopping):
+        timeout = max(0.0, min(respawn.values()) - time.monotonic()) if respawn else None
+        for key, _events in selector.select(timeout):
+            if key.fileobj is listener:
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        pool.dispatch(listener.accept()[0])
+                continue
+            signals = wake.recv(256)
+            if not stopping and (signal.SIGTERM in signals or signal.SIGINT in signals):
+                stopping = True
+                selector.unregister(listener)
+                for pid in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+        for index, status in _reap(workers):
+            if not stopping:
+                log.error("worker %d exited (status %d): starting it again", index, status)
+                # A worker failing at once must not spin: wait, but stop promptly when asked.
+                respawn[index] = time.monotonic() + _RESPAWN_DELAY_S
+        for index, at in list(respawn.items()):
+            if stopping:
+                del respawn[index]
+            elif time.monotonic() >= at:
+                del respawn[index]
+                workers[pool.fork(index)] = index
 
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for index in range(count):
-        workers[pool.fork(index)] = index
+def _reap(workers: dict[int, int]) -> list[tuple[int, int]]:
+    """(index, exit code) of the workers that exited since the last call."""
+    gone = []
     while workers:
         try:
-            pid, status = os.wait()
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
+        if pid == 0:
+            break
         index = workers.pop(pid, None)
-        if index is None or stopping:
-            continue
-        log.error("worker %d exited (status %d): starting it again", index, os.waitstatus_to_exitcode(status))
-        # A worker failing at once must not spin: wait, but stop promptly when asked.
-        select.select([], [], [], _RESPAWN_DELAY_S)
-        if not stopping:
-            workers[pool.fork(index)] = index
-    os.close(pool.alive[1])
-    pool.sock.close()
-    return 0
+        if index is not None:
+            gone.append((index, os.waitstatus_to_exitcode(status)))
+    return gone

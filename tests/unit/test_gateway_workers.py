@@ -58,6 +58,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     config = tmp_path / "gateway.yaml"
     config.write_text(
         f"listen_port: {http_port}\nenclave_cid: {CID}\nenclave_port: {PORT}\nworkers: 2\nlog_level: WARNING\n"
+        "metrics_self_check_interval: 0\n"  # no canary tokenize among the requests counted
     )
     gateway = subprocess.Popen([sys.executable, "-m", "enclave_tokenizer.gateway", "--config", str(config)], env=env)
     deadline = time.monotonic() + 30
@@ -123,3 +124,47 @@ def test_workers_exit_when_the_main_process_is_killed(stack: tuple[subprocess.Po
     while Path(f"/proc/{child}").exists() and "zombie" not in Path(f"/proc/{child}/status").read_text().lower():
         assert time.monotonic() < deadline, "a gateway worker outlived the main process"
         time.sleep(0.1)
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_are_the_whole_gateways_whichever_process_answers(stack: tuple[subprocess.Popen[bytes], int]) -> None:
+    """Both processes serve requests and scrapes (new connections: the kernel spreads them); every scrape
+    reports the requests of both, exactly, and the state the main process observes."""
+    _gateway, port = stack
+    for _ in range(30):
+        _tokenize(port, "4111111111111111")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/tokenize",
+        data=json.dumps({"pans": ["4111111111111111", "4000056655665556", "1234"]}).encode(),
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert len(json.loads(answer.read())["tokens"]) == 3
+    ok = ("route", "/v1/tokenize"), ("op", "tokenize"), ("code", "ok")
+    scrapes = [_scrape(port) for _ in range(16)]
+    for samples in scrapes:
+        assert samples[("enclave_tokenizer_gateway_requests_total", tuple(sorted(ok)))] == 31
+        histogram = ("enclave_tokenizer_gateway_request_duration_seconds_count", (("route", "/v1/tokenize"),))
+        assert samples[histogram] == 31
+        enclave = ("enclave_tokenizer_enclave_requests_total", (("code", "ok"), ("op", "tokenize")))
+        assert samples[enclave] == 31
+        assert samples[("enclave_tokenizer_tokens_processed_total", (("op", "tokenize"),))] == 32
+        assert samples[("enclave_tokenizer_token_errors_total", (("op", "tokenize"),))] == 1
+        assert samples[("enclave_tokenizer_key_provisioned", ())] == 1
+        assert samples[("enclave_tokenizer_enclave_running", ())] == 1
+        assert samples[("enclave_tokenizer_pool_size", ())] == 8  # 2 processes x pool_size 4
+    # The scrapes are counted too, by both processes: each scrape sees all the earlier ones.
+    metrics = ("route", "/metrics"), ("op", "metrics"), ("code", "ok")
+    last = _scrape(port)
+    assert last[("enclave_tokenizer_gateway_requests_total", tuple(sorted(metrics)))] == len(scrapes)

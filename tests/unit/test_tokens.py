@@ -297,3 +297,29 @@ def test_tokenize_many_vectors(tk: Tokenizer) -> None:
     assert tk.tokenize_many(pans, "fpe")[0] == [v[2] for v in VECTORS]
     with pytest.raises(TokenError):
         tk.tokenize_many(pans, "plain")
+
+
+@settings(max_examples=200)
+@given(st.integers(min_value=11, max_value=20), st.data())
+def test_uniform_batches_match_one_by_one(tk: Tokenizer, length: int, data: st.DataObject) -> None:
+    """Batches of digit strings of one length take the whole-batch path (Luhn over the concatenation):
+    tokens, last fours and errors as item by item, odd and even lengths, Luhn failures anywhere."""
+    digits = st.text(alphabet="0123456789", min_size=length - 1, max_size=length - 1)
+    bodies = data.draw(st.lists(digits, min_size=1, max_size=20))
+    valid = data.draw(st.lists(st.booleans(), min_size=len(bodies), max_size=len(bodies)))
+    items = []
+    for body, ok in zip(bodies, valid, strict=True):
+        check = int(luhn_check_digit(body))
+        items.append(body + str(check if ok else (check + 1) % 10))
+    expected = ([], [], [])
+    for index, raw in enumerate(items):
+        try:
+            pan = normalize_pan(raw)
+        except TokenError as exc:
+            expected[0].append(None)
+            expected[1].append(None)
+            expected[2].append({"index": index, "code": exc.code, "message": exc.message})
+            continue
+        expected[0].append(tk.opaque(pan))
+        expected[1].append(pan[-4:])
+    assert tk.tokenize_many(items) == expected

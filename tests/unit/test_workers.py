@@ -226,3 +226,28 @@ def test_bounds_hold_per_worker_and_health_sums_the_workers(tmp_path: Path) -> N
         assert health["requests"] >= len(socks) + 1
     finally:
         _stop(proc)
+
+
+def test_connections_go_to_the_least_loaded_worker(workers: subprocess.Popen[bytes]) -> None:
+    """The parent hands each connection to the worker with the fewest open ones: two clients use both vCPUs
+    (with the kernel choosing, asyncio's accept loop often took both on one worker)."""
+
+    def worker_of(sock: Any) -> int:
+        return _call(sock, op="health")["result"]["worker"]
+
+    for _ in range(3):
+        first, second = vsock.connect(CID, PORT, timeout=5), vsock.connect(CID, PORT, timeout=5)
+        busy = worker_of(first)
+        assert {busy, worker_of(second)} == {0, 1}
+        second.close()
+        deadline = time.monotonic() + 5
+        while True:  # the freed worker gets the next connection once it has seen the close
+            third = vsock.connect(CID, PORT, timeout=5)
+            index = worker_of(third)
+            third.close()
+            if index != busy or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert index != busy
+        first.close()
+        time.sleep(0.2)
