@@ -175,6 +175,12 @@ signature:
   type: dict
   sample: {"signed": true, "pcr8": "1e4f...", "certificate_sha384": "9a0c...", "covers_pcr0": true,
            "signature_verified": true}
+signer_pcr8:
+  description:
+    - The PCR8 of O(signing_certificate), computed from the certificate (as C(nitro-cli pcr --signing-certificate)),
+      whether or not the EIF had to be signed; what a host can require of the EIF (C(nitro_enclave) O(signer_pcr8)).
+  returned: with O(state=signed)
+  type: str
 describe:
   description:
     - nitro-cli C(describe-eif)-shaped description (EifVersion, Measurements, IsSigned, CheckCRC, ImageName,
@@ -441,7 +447,13 @@ def signed(module: AnsibleModule) -> None:
         module.fail_json(msg=f"signing_certificate {p['signing_certificate']}: {getattr(exc, 'strerror', None) or exc}")
     info = signature_info(image)
     done = info["signed"] and info["pcr8"] == wanted and info["covers_pcr0"] and info["signature_verified"] is not False
-    result: dict[str, Any] = {"changed": not done, "path": path, "signature": info, "measurements": image.measurements}
+    result: dict[str, Any] = {
+        "changed": not done,
+        "path": path,
+        "signature": info,
+        "measurements": image.measurements,
+        "signer_pcr8": wanted,
+    }
     if not done:
         result["reasons"] = [
             "the EIF is not signed"
