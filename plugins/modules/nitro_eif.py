@@ -520,9 +520,11 @@ def sign_copy(module: AnsibleModule, src: str, path: str) -> Any:
         shutil.copyfile(src, tmp)
         run_sign_eif(module, tmp)
         try:
-            image = read_eif(tmp, file_digest=True)
+            read_eif(tmp)  # an unreadable result never replaces path
         except EifError as exc:
-            module.fail_json(msg=f"nitro-cli sign-eif left an unreadable EIF at {tmp}: {exc}")
+            module.fail_json(msg=f"nitro-cli sign-eif left an unreadable EIF: {exc}")
+    # Read where it now is: the image's facts read its file again (the temporary name is gone).
+    image = read_eif(path, file_digest=True)
     artifact = load_json(src + ".measurements.json")
     artifact = artifact if isinstance(artifact, dict) else {}
     artifact.update(Measurements=image.measurements, EifSha384=image.file_sha384, EifPath=path)
