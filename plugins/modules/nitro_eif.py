@@ -68,6 +68,15 @@ options:
   private_key:
     description: EC private key PEM file or KMS key ARN used to sign. Requires O(signing_certificate).
     type: str
+  src:
+    description:
+      - With O(state=signed), the EIF to sign; O(path) becomes a signed copy of it (moved into place), and stays
+        as it is when it is already signed by O(signing_certificate) and measures what O(src) measures (PCR0-2;
+        the signature does not enter them). So an unsigned EIF fetched from a build host keeps its own bytes and
+        a second run signs nothing.
+      - The measurements artifact of O(path) is that of O(src) (C(<src>.measurements.json)), updated.
+      - Default O(path) itself, signed in place.
+    type: path
   measurements_file:
     description: Where to write the measurements artifact. Default C(<path>.measurements.json).
     type: path
@@ -175,6 +184,13 @@ signature:
   type: dict
   sample: {"signed": true, "pcr8": "1e4f...", "certificate_sha384": "9a0c...", "covers_pcr0": true,
            "signature_verified": true}
+signer_pcr8:
+  description:
+    - The PCR8 of O(signing_certificate), computed from the certificate (as C(nitro-cli pcr --signing-certificate)),
+      whether or not the EIF had to be signed; what a host can require of the EIF (the C(signer_pcr8) option of
+      C(nitro_enclave)).
+  returned: with O(state=signed)
+  type: str
 describe:
   description:
     - nitro-cli C(describe-eif)-shaped description (EifVersion, Measurements, IsSigned, CheckCRC, ImageName,
@@ -186,6 +202,7 @@ describe:
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -427,24 +444,42 @@ def present(module: AnsibleModule) -> None:
 
 
 def signed(module: AnsibleModule) -> None:
-    """state=signed: sign the EIF at `path` unless it is signed by that certificate and covers its PCR0."""
+    """state=signed: sign the EIF at `path` (or a copy of `src` into `path`) unless `path` is signed by that
+    certificate, covers its PCR0 and, with `src`, measures what `src` measures (PCR0-2)."""
     p = module.params
-    path = p["path"]
+    path, src = p["path"], p["src"]
     try:
-        image = read_eif(path, file_digest=True)
+        source = read_eif(src or path, file_digest=True)
+        # With src, path is the signed copy of an earlier run, or nothing yet.
+        image = source if not src else read_eif(path, file_digest=True) if os.path.exists(path) else None
     except EifError as exc:
-        module.fail_json(msg=f"path {path}: {exc}")
+        module.fail_json(msg=f"{'src' if src else 'path'} {src or path}: {exc}")
     try:
         with open(p["signing_certificate"], "rb") as handle:
             wanted = pcr8_from_certificate(handle.read())
     except (OSError, EifError) as exc:
         module.fail_json(msg=f"signing_certificate {p['signing_certificate']}: {getattr(exc, 'strerror', None) or exc}")
-    info = signature_info(image)
-    done = info["signed"] and info["pcr8"] == wanted and info["covers_pcr0"] and info["signature_verified"] is not False
-    result: dict[str, Any] = {"changed": not done, "path": path, "signature": info, "measurements": image.measurements}
+    info = signature_info(image) if image is not None else {"signed": False}
+    same = image is not None and all(image.pcrs[k] == source.pcrs[k] for k in ("PCR0", "PCR1", "PCR2"))
+    done = (
+        same
+        and info["signed"]
+        and info["pcr8"] == wanted
+        and info["covers_pcr0"]
+        and info["signature_verified"] is not False
+    )
+    result: dict[str, Any] = {
+        "changed": not done,
+        "path": path,
+        "signature": info,
+        "measurements": source.measurements,
+        "signer_pcr8": wanted,
+    }
     if not done:
         result["reasons"] = [
-            "the EIF is not signed"
+            f"{path} is not a signed copy of {src}"
+            if not same
+            else "the EIF is not signed"
             if not info["signed"]
             else f"the EIF is signed by PCR8 {info['pcr8']}, not by {p['signing_certificate']} (PCR8 {wanted})"
             if info["pcr8"] != wanted
@@ -453,31 +488,54 @@ def signed(module: AnsibleModule) -> None:
         if module._diff:
             result["diff"] = {"before": {"PCR8": info.get("pcr8")}, "after": {"PCR8": wanted}, "before_header": path}
     if done or module.check_mode:
+        size = image.file_size if done else source.file_size
         result.update(
-            measurements={**image.measurements, "PCR8": wanted},
-            eif_sha384=image.file_sha384,
-            size=image.file_size,
-            min_memory_mib=min_memory_mib(image.file_size),
+            measurements={**source.measurements, "PCR8": wanted},
+            eif_sha384=image.file_sha384 if done else source.file_sha384,
+            size=size,
+            min_memory_mib=min_memory_mib(size),
         )
         module.exit_json(**result)
-    before_sha384 = image.file_sha384
+    image = sign_copy(module, src, path) if src else sign_in_place(module, path, source.file_sha384)
+    result.update(image_facts(image))
+    module.exit_json(**result)
+
+
+def run_sign_eif(module: AnsibleModule, eif_path: str) -> None:
+    p = module.params
     try:
-        cli = NitroCli(p["nitro_cli_path"], timeout=p["timeout"])
-        cli.run(
-            [
-                "sign-eif",
-                "--eif-path",
-                path,
-                "--signing-certificate",
-                p["signing_certificate"],
-                "--private-key",
-                p["private_key"],
-            ],
+        argv = ["sign-eif", "--eif-path", eif_path]
+        NitroCli(p["nitro_cli_path"], timeout=p["timeout"]).run(
+            [*argv, "--signing-certificate", p["signing_certificate"], "--private-key", p["private_key"]],
             parse_json=False,
         )
-        image = read_eif(path, file_digest=True)
     except NitroCliError as exc:
         module.fail_json(msg=f"sign-eif failed: {exc}", nitro_cli_error=exc.as_dict())
+
+
+def sign_copy(module: AnsibleModule, src: str, path: str) -> Any:
+    """Sign a copy of `src` beside `path`, then move it into place (a failure leaves `path` as it was);
+    the measurements artifact of `path` is `src`'s, updated to the signed bytes."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(src, tmp)
+        run_sign_eif(module, tmp)
+        try:
+            read_eif(tmp)  # an unreadable result never replaces path
+        except EifError as exc:
+            module.fail_json(msg=f"nitro-cli sign-eif left an unreadable EIF: {exc}")
+    # Read where it now is: the image's facts read its file again (the temporary name is gone).
+    image = read_eif(path, file_digest=True)
+    artifact = load_json(src + ".measurements.json")
+    artifact = artifact if isinstance(artifact, dict) else {}
+    artifact.update(Measurements=image.measurements, EifSha384=image.file_sha384, EifPath=path)
+    write_json_atomically(module, module.params["measurements_file"] or path + ".measurements.json", artifact)
+    return image
+
+
+def sign_in_place(module: AnsibleModule, path: str, before_sha384: str) -> Any:
+    run_sign_eif(module, path)
+    try:
+        image = read_eif(path, file_digest=True)
     except EifError as exc:
         module.fail_json(msg=f"nitro-cli sign-eif left an unreadable EIF at {path}: {exc}")
     record_path = path + RECORD_SUFFIX
@@ -486,13 +544,12 @@ def signed(module: AnsibleModule) -> None:
         # The built EIF, now signed: O(state=present) must see these bytes as the ones it built.
         record.update(eif_sha384=image.file_sha384, signed_by=signature_info(image)["pcr8"])
         write_json_atomically(module, record_path, record)
-    measurements_path = p["measurements_file"] or path + ".measurements.json"
+    measurements_path = module.params["measurements_file"] or path + ".measurements.json"
     artifact = load_json(measurements_path)
     if isinstance(artifact, dict) and artifact.get("EifSha384") == before_sha384:
         artifact.update(Measurements=image.measurements, EifSha384=image.file_sha384)
         write_json_atomically(module, measurements_path, artifact)
-    result.update(image_facts(image))
-    module.exit_json(**result)
+    return image
 
 
 def refuse_placeholder(module: AnsibleModule, image: Any) -> None:
@@ -546,6 +603,7 @@ def main() -> None:
         argument_spec=dict(
             path=dict(type="path", required=True, aliases=["eif_path", "output_file"]),
             state=dict(type="str", default="present", choices=["present", "signed", "described"]),
+            src=dict(type="path"),
             docker_uri=dict(type="str"),
             docker_dir=dict(type="path"),
             name=dict(type="str"),

@@ -149,3 +149,43 @@ def test_nitro_eif_reports_and_signs(
     assert again["changed"] is True and again["signature"]["pcr8"] == eif.pcr8_from_certificate(other_cert.read_bytes())
     key_body = key.read_text().splitlines()[1]  # a line of the key's base64
     assert key_body not in json.dumps([first, again])
+
+
+def test_nitro_eif_signs_a_copy_of_src_once(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, tmp_path: Path, publisher: tuple[Path, Path]
+) -> None:
+    """src: the unsigned EIF a build host built keeps its bytes; path becomes its signed copy, once."""
+    cert, key = publisher
+    src, path = tmp_path / "img.unsigned.eif", tmp_path / "img.eif"
+    make_eif(src, b"APP-1")
+    unsigned = src.read_bytes()
+    Path(str(src) + ".measurements.json").write_text(json.dumps({"ImageDigest": "sha256:abc", "EifPath": str(src)}))
+    emulator = str(Path(__file__).resolve().parents[2] / ".venv/bin/nitro-cli-emulator")
+    args = {"path": str(path), "src": str(src), "state": "signed", "signing_certificate": str(cert)}
+    args |= {"private_key": str(key), "nitro_cli_path": emulator}
+    checked = run_module(EIF_MODULE, {**args, "_ansible_check_mode": True}, capsys)
+    assert checked["changed"] is True and not path.exists()
+    first = run_module(EIF_MODULE, args, capsys)
+    pcr8 = eif.pcr8_from_certificate(cert.read_bytes())
+    assert first["changed"] is True and first["signer_pcr8"] == pcr8 and first["signature"]["pcr8"] == pcr8
+    assert src.read_bytes() == unsigned
+    signed = eif.read_eif(path, file_digest=True)
+    assert {k: signed.pcrs[k] for k in ("PCR0", "PCR1", "PCR2", "PCR8")} == {
+        **{k: eif.read_eif(src).pcrs[k] for k in ("PCR0", "PCR1", "PCR2")},
+        "PCR8": pcr8,
+    }
+    artifact = json.loads(Path(str(path) + ".measurements.json").read_text())
+    assert artifact == {
+        "ImageDigest": "sha256:abc",
+        "EifPath": str(path),
+        "Measurements": signed.measurements,
+        "EifSha384": signed.file_sha384,
+    }
+    assert [p.name for p in tmp_path.glob(".img.eif.*")] == []  # no temporary file left
+    second = run_module(EIF_MODULE, args, capsys)
+    assert second["changed"] is False and second["eif_sha384"] == signed.file_sha384
+    # A new build (other PCR0) behind src: signed again.
+    make_eif(src, b"APP-2")
+    third = run_module(EIF_MODULE, args, capsys)
+    assert third["changed"] is True and "is not a signed copy of" in third["reasons"][0]
+    assert eif.read_eif(path).pcrs["PCR0"] == eif.read_eif(src).pcrs["PCR0"]

@@ -378,6 +378,70 @@ def test_signed_build_with_metadata(built: Built, image_uri: str, build_env: dic
     assert described["Metadata"]["team"] == "payments"
 
 
+def test_signed_build_with_a_kms_key(built: Built, image_uri: str, build_env: dict, tmp_path: Path) -> None:
+    """build-enclave --private-key <KMS key ARN>: the Docker build, then KMS Sign (ECC_NIST_P384) through
+    boto3 against a local endpoint this test starts; describe-eif checks the signature, PCR8 is the
+    certificate's."""
+    import boto3
+
+    from nitro_emulator.local_aws.identities import OPERATOR_KEY
+    from tests.conftest import running_local_aws
+    from tests.integration.ec2.conftest import DUMMY_ENV, REGION
+    from tests.integration.kms.conftest import kms_key_certificate
+
+    workdir = tmp_path / "local-aws"
+    workdir.mkdir()
+    with running_local_aws(workdir, dict(os.environ)) as url:
+        creds = {"aws_access_key_id": OPERATOR_KEY, "aws_secret_access_key": DUMMY_ENV["AWS_SECRET_ACCESS_KEY"]}
+        kms = boto3.client("kms", region_name=REGION, endpoint_url=url, **creds)
+        key = kms.create_key(KeySpec="ECC_NIST_P384", KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+        cert = kms_key_certificate(kms, key, tmp_path / "kms.crt")
+        env = {
+            **build_env,
+            "AWS_ACCESS_KEY_ID": OPERATOR_KEY,
+            "AWS_SECRET_ACCESS_KEY": DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_ENDPOINT_URL_KMS": url,
+        }
+        out = tmp_path / "kms.eif"
+        run = build(image_uri, out, "--signing-certificate", str(cert), "--private-key", key["Arn"], env=env)
+        assert run.code == 0, run.stderr
+        # Without the endpoint's KMS nothing signs: the ARN really goes through KMS.
+        unreachable = dict(env, AWS_ENDPOINT_URL_KMS="http://127.0.0.1:9")
+        failed = build(
+            image_uri,
+            tmp_path / "no-kms.eif",
+            "--signing-certificate",
+            str(cert),
+            "--private-key",
+            key["Arn"],
+            env=unreachable,
+        )
+    # E60 before the Docker build; the output is only the empty file nitro-cli creates first.
+    assert failed.code == 60 and "[ E60 ] Signing error" in failed.stderr, failed.stderr
+    assert (tmp_path / "no-kms.eif").stat().st_size == 0
+    measurements = run.json()["Measurements"]
+    unsigned = built.first_run.json()["Measurements"]
+    assert {k: measurements[k] for k in ("PCR0", "PCR1", "PCR2")} == {k: unsigned[k] for k in ("PCR0", "PCR1", "PCR2")}
+    der = x509_der(cert)
+    assert measurements["PCR8"] == extend(der)  # computed here, not by the emulator
+    pcr8 = cli("pcr", "--signing-certificate", str(cert), env=build_env)
+    assert pcr8.code == 0 and pcr8.json() == {"PCR8": measurements["PCR8"]}
+    described = cli("describe-eif", "--eif-path", str(out), env=build_env)
+    assert described.code == 0, described.stderr
+    info = described.json()
+    assert info["IsSigned"] is True and info["SignatureCheck"] is True
+    assert info["Measurements"]["PCR8"] == measurements["PCR8"]
+    assert info["SigningCertificate"]["IssuerName"] == {"commonName": "test-ca"}
+
+
+def x509_der(pem: Path) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return x509.load_pem_x509_certificate(pem.read_bytes()).public_bytes(serialization.Encoding.DER)
+
+
 def test_pcr_input(build_env: dict, tmp_path: Path) -> None:
     blob = os.urandom(100_000)
     (tmp_path / "f").write_bytes(blob)

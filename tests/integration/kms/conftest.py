@@ -7,6 +7,7 @@ throttling tests drive the server's test-only fault file.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -20,8 +21,10 @@ import boto3
 import pytest
 import yaml
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import kms_policy
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from nitro_emulator.local_aws.identities import INSTANCE_ROLE_KEY, KEY_ADMIN_KEY, OPERATOR_KEY
 from nitro_emulator.nsm import build_attestation_document
@@ -57,6 +60,29 @@ class KmsEndpoint:
 
     def faults_left(self) -> dict[str, int]:
         return json.loads(self.faults.read_text() or "{}")
+
+
+def kms_key_certificate(kms: Any, key: dict[str, Any], path: Path) -> Path:
+    """A PEM certificate for a KMS key's public key (no private key leaves KMS): the EIF signing tests
+    sign with the key ARN, and nitro-cli checks the certificate carries that key."""
+    public = serialization.load_der_public_key(kms.get_public_key(KeyId=key["KeyId"])["PublicKey"])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kms-publisher")])
+    now = dt.datetime.now(dt.UTC)
+    # cryptography signs a certificate only with a private key: a throwaway CA key issues it; what
+    # matters for EIF signing is the subject public key.
+    ca = ec.generate_private_key(ec.SECP384R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")]))
+        .public_key(public)
+        .serial_number(7)
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .sign(ca, hashes.SHA384())
+    )
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
 
 
 @pytest.fixture(scope="session")

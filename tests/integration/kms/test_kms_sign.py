@@ -24,7 +24,7 @@ from nitro_emulator.local_aws.identities import INSTANCE_ROLE_KEY, OPERATOR_KEY
 from tests.conftest import VENV_BIN
 from tests.integration.ec2.conftest import DUMMY_ENV, REGION
 
-from .conftest import KmsEndpoint
+from .conftest import KmsEndpoint, kms_key_certificate
 
 
 @pytest.fixture
@@ -87,32 +87,10 @@ def test_sign_needs_a_sign_verify_key_and_permission(
     assert denied.value.response["Error"]["Code"] == "AccessDeniedException"
 
 
-def _certificate_for(kms: Any, key: dict[str, Any], path: Path) -> Path:
-    """A certificate for the KMS key's public key, its own signature made by KMS (no private key here)."""
-    public = serialization.load_der_public_key(kms.get_public_key(KeyId=key["KeyId"])["PublicKey"])
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kms-publisher")])
-    now = dt.datetime.now(dt.UTC)
-    # cryptography needs a private key to sign a certificate: sign with a throwaway CA key instead;
-    # what matters for EIF signing is that the certificate carries the KMS key's public key.
-    ca = ec.generate_private_key(ec.SECP384R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")]))
-        .public_key(public)
-        .serial_number(7)
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .sign(ca, hashes.SHA384())
-    )
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
 def test_eif_signed_with_a_kms_key(
     kms_endpoint: KmsEndpoint, kms: Any, signing_key: dict[str, Any], tmp_path: Path
 ) -> None:
-    cert = _certificate_for(kms, signing_key, tmp_path / "kms.crt")
+    cert = kms_key_certificate(kms, signing_key, tmp_path / "kms.crt")
     path = tmp_path / "kms.eif"
     metadata = eif.make_metadata("t", "1", dict.fromkeys(eif.BUILD_INFO_KEYS, "x"))
     eif_writer.write_eif(path, kernel=b"K", cmdline="c", ramdisks=[b"A", b"B"], metadata=metadata)

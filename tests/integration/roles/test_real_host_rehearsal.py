@@ -309,6 +309,48 @@ def test_al2023_branch_installs_builds_on_the_host_and_distributes(tmp_path: Pat
     calls = [json.loads(line) for line in in_host(al2023_host, "cat", f"{LOG}/nitro-cli.log").splitlines()]
     assert len([c for c in calls if c[:1] == ["build-enclave"]]) == 1
 
+    check_signed_on_the_controller(tmp_path, al2023_host, site, build_dir)
+
+
+def check_signed_on_the_controller(tmp_path: Path, al2023_host: str, site: list[dict], build_dir: Path) -> None:
+    """The controller signs the EIF the build host built (the key stays on the controller): the host gets the
+    signed copy, and a second run with the same image and certificate changes nothing (no fetch, no signing)."""
+    from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import pcr8_from_certificate, read_eif
+
+    keys = tmp_path / "signing"
+    keys.mkdir()
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp384r1", "-nodes",
+         "-days", "2", "-subj", "/CN=rehearsal-publisher", "-keyout", str(keys / "p.key"), "-out", str(keys / "p.crt")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    signing = {
+        "enclave_image_signing_certificate": str(keys / "p.crt"),
+        "enclave_image_signing_key": str(keys / "p.key"),
+    }
+    first = play(tmp_path, al2023_host, site, signing)
+    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
+    signed = read_eif(build_dir / "tokenizer.eif", file_digest=True)
+    unsigned = read_eif(build_dir / "tokenizer.unsigned.eif", file_digest=True)
+    assert signed.pcrs["PCR8"] == pcr8_from_certificate((keys / "p.crt").read_bytes())
+    image_pcrs = ("PCR0", "PCR1", "PCR2")
+    assert {k: signed.pcrs[k] for k in image_pcrs} == {k: unsigned.pcrs[k] for k in image_pcrs}
+    assert not unsigned.signatures
+    on_host = in_host(al2023_host, "sha384sum", "/opt/nitro-enclaves/images/tokenizer.eif").split()[0]
+    assert on_host == signed.file_sha384
+    artifact = json.loads((build_dir / "tokenizer.eif.measurements.json").read_text())
+    assert artifact["Measurements"] == signed.measurements and artifact["EifSha384"] == signed.file_sha384
+
+    again = play(tmp_path, al2023_host, site, signing)
+    assert again.returncode == 0, again.stdout[-6000:]
+    recap = next(line for line in again.stdout.splitlines() if line.startswith("al2023 "))
+    assert " changed=0 " in recap, (
+        recap + "\n" + "\n".join(line for line in again.stdout.splitlines() if line.startswith("changed:"))
+    )
+    assert read_eif(build_dir / "tokenizer.eif", file_digest=True).file_sha384 == signed.file_sha384
+    calls = [json.loads(line) for line in in_host(al2023_host, "cat", f"{LOG}/nitro-cli.log").splitlines()]
+    assert len([c for c in calls if c[:1] == ["build-enclave"]]) == 1
+
 
 def test_placeholder_eif_is_refused_on_a_host_with_the_device(tmp_path: Path, al2023_host: str) -> None:
     from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.eif import make_metadata, read_eif
