@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.load import Load
-from tests.conftest import PYTHON_BASE_IMAGE, REPO_ROOT, VENV_BIN, wait_for_port
-from tests.integration.test_tokenizer_e2e import DEPS, EMULATOR, ENCLAVE_NAME, Eif, Host, _build_eif, _run, _wheelhouse
+from tests.conftest import VENV_BIN, wait_for_port
+from tests.enclave_image import build_enclave_image
+from tests.integration.test_tokenizer_e2e import EMULATOR, ENCLAVE_NAME, Eif, Host, _build_eif, _run
 
 CONFIG_NAME = f"{ENCLAVE_NAME}.json"
 CPU_POOL = 2  # what the end-to-end harness gives its allocator
@@ -48,15 +49,8 @@ def http_json(url: str, timeout: float = 90) -> tuple[int, dict[str, Any]]:
 def build_images(work: Path, only: tuple[str, ...] = ("crash", "canary")) -> dict[str, Eif]:
     """The tokenizer EIF and two variants (those in ``only``): one whose app crashes at start, one whose
     canary fails."""
-    ctx = work / "ctx"
-    (ctx / "wheels").mkdir(parents=True)
-    _run([str(VENV_BIN / "pip"), "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(ctx / "wheels"),
-          str(REPO_ROOT)])  # fmt: skip
-    for dep in DEPS:
-        shutil.copy(sorted(_wheelhouse().glob(f"{dep}-*.whl"))[-1], ctx / "wheels")
-    shutil.copy(REPO_ROOT / "enclave_src" / "Dockerfile", ctx / "Dockerfile")
     tag = f"nitro-ansible-chaos/tokenizer:{uuid.uuid4().hex[:8]}"
-    _run(["docker", "build", "-q", "--build-arg", f"BASE_IMAGE={PYTHON_BASE_IMAGE}", "-t", tag, str(ctx)])
+    build_enclave_image(tag, work / "ctx")
     variants = {
         "crash": 'CMD ["python3", "-c", "raise SystemExit(\'crashes at start\')"]\n',
         # Answers, but the key policy does not name its PCR0: no key, the canary tokenization fails.

@@ -126,9 +126,11 @@ def test_installed_collection_converges_a_host_through_fqcns_only(host: str, tmp
 
     # The roles built the project wheel from the installed collection, into a cache under the playbook
     # directory (the collection's playbooks/, as the flow is its site playbook): the repository's code.
-    (built,) = (installed / "playbooks" / ".nitro-enclaves" / "wheelhouse").glob("nitro_enclaves_ansible-*.whl")
-    (reference,) = Path(dependency_wheels).glob("nitro_enclaves_ansible-*.whl")
-    assert _code_members(built) == _code_members(reference)
+    # Both wheels: the project's, and the enclave's (from enclave-files.txt, which the tarball must carry).
+    for dist in ("nitro_enclaves_ansible", "nitro_enclaves_tokenizer_enclave"):
+        (built,) = (installed / "playbooks" / ".nitro-enclaves" / "wheelhouse").glob(f"{dist}-*.whl")
+        (reference,) = Path(dependency_wheels).glob(f"{dist}-*.whl")
+        assert _code_members(built) == _code_members(reference)
 
     def tokenize() -> dict:
         request = urllib.request.Request(

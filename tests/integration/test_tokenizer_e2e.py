@@ -25,7 +25,8 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.conftest import PYTHON_BASE_IMAGE, REPO_ROOT, VENV_BIN, attested_key_policy, free_port, wait_for_port
+from tests.conftest import REPO_ROOT, VENV_BIN, attested_key_policy, free_port, wait_for_port
+from tests.enclave_image import build_enclave_image
 
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.slow]
 
@@ -34,17 +35,12 @@ ENCLAVE_NAME = "tokenizer"
 ENCLAVE_CID = 21
 PAN = "4111111111111111"
 ROLE = "arn:aws:iam::123456789012:role/enclave-parent"  # the local KMS's local-instance-role
-DEPS = ("cbor2", "cryptography", "cffi", "pycparser", "asn1crypto", "pyyaml")
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     assert proc.returncode == 0, f"{cmd[:3]} failed ({proc.returncode}): {proc.stderr[-2000:]}"
     return proc.stdout
-
-
-def _wheelhouse() -> Path:
-    return Path(os.environ.get("NITRO_ANSIBLE_WHEELHOUSE", REPO_ROOT / ".cache" / "wheelhouse"))
 
 
 @dataclass
@@ -68,18 +64,9 @@ def _build_eif(tag: str, out_dir: Path, env: dict[str, str]) -> Eif:
 @pytest.fixture(scope="module")
 def eifs(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Eif, Eif]]:
     """The tokenizer EIF (from enclave_src/Dockerfile) and a variant with another PCR0 (built once)."""
-    ctx = tmp_path_factory.mktemp("tokenizer-ctx")
-    wheels = ctx / "wheels"
-    wheels.mkdir()
-    _run([str(VENV_BIN / "pip"), "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO_ROOT)])
-    for dep in DEPS:
-        found = sorted(_wheelhouse().glob(f"{dep}-*.whl"))
-        assert found, f"{dep} wheel missing from {_wheelhouse()}: run `make wheelhouse`"
-        shutil.copy(found[-1], wheels)
-    shutil.copy(REPO_ROOT / "enclave_src" / "Dockerfile", ctx / "Dockerfile")
     tag = f"nitro-ansible-test/tokenizer:{uuid.uuid4().hex[:10]}"
     variant = f"{tag}-variant"
-    _run(["docker", "build", "-q", "--build-arg", f"BASE_IMAGE={PYTHON_BASE_IMAGE}", "-t", tag, str(ctx)])
+    build_enclave_image(tag, tmp_path_factory.mktemp("tokenizer-ctx"))
     variant_ctx = tmp_path_factory.mktemp("tokenizer-variant")
     (variant_ctx / "Dockerfile").write_text(f"FROM {tag}\nENV TOKENIZER_VARIANT=unapproved\n")
     _run(["docker", "build", "-q", "-t", variant, str(variant_ctx)])

@@ -18,7 +18,9 @@ if [ "$wheelhouse" = - ]; then
 else
     mkdir "$context/wheels"
     cp -R "$app/." "$context/"
-    cp "$wheelhouse"/*.whl "$context/wheels/"
+    # Not the project wheel (emulator, parent-side tools): the enclave installs its own, and an edit
+    # outside the enclave's files must leave Docker's COPY layer cached.
+    find "$wheelhouse" -maxdepth 1 -name '*.whl' ! -name 'nitro_enclaves_ansible-*' -exec cp -t "$context/wheels/" {} +
 fi
 find "$context" -name __pycache__ -prune -exec rm -rf {} +
 
