@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,9 @@ def main(selected: list[str]) -> int:
         module.main()
         rows += getattr(module, "SUMMARY", [])  # (target, figure, goal) rows a benchmark filled in
     if rows:
-        print("\n=== summary ===")
+        # The machine is shared: every figure is read next to the load it was measured under.
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"\n=== summary (load average {load} on {os.cpu_count()} cores) ===")
         width = max(len(target) for target, _, _ in rows)
         for target, figure, goal in rows:
             print(f"{target:<{width}}  {figure:>22}  (target {goal})")
