@@ -40,13 +40,15 @@ class RunningServer:
             state.tokenizer = Tokenizer.from_data_key(key)
             state.capability_sha256 = capability_digest(capability) if capability else None
 
-        self.loop.call_soon_threadsafe(install)
+        # Done on the loop and waited for: a loaded machine would otherwise let the next request see
+        # the server before the key is in (tests assert on what the enclave holds right after this).
+        self.on_loop(install)
 
     def unprovision(self) -> None:
         def clear() -> None:
             self.server.service.key.tokenizer = None
 
-        self.loop.call_soon_threadsafe(clear)
+        self.on_loop(clear)
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
         return vsock.connect(self.cid, self.port, timeout=timeout)
