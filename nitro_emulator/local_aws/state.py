@@ -59,6 +59,8 @@ def _dump_keys() -> list[dict[str, Any]]:
         for region, backend in list(regions.items()):
             for key in list(backend.keys.values()):
                 record = {name: getattr(key, name, None) for name in _KEY_FIELDS}
+                if isinstance(record["deletion_date"], dt.datetime):  # set by ScheduleKeyDeletion
+                    record["deletion_date"] = record["deletion_date"].isoformat()
                 record["key_material"] = base64.b64encode(key.key_material).decode()
                 record["private_key"] = base64.b64encode(
                     key.private_key.private_key.private_bytes(  # moto's wrapper around cryptography's key
@@ -99,6 +101,8 @@ def _load_keys(records: list[dict[str, Any]]) -> None:
         key = Key.__new__(Key)
         for name in _KEY_FIELDS:
             setattr(key, name, data.get(name))
+        if isinstance(key.deletion_date, str):
+            key.deletion_date = dt.datetime.fromisoformat(key.deletion_date)
         key.key_material = base64.b64decode(data["key_material"])
         # moto wraps the asymmetric key in its own class: make one for the spec, then put ours inside.
         key.private_key = generate_private_key(key.key_spec)
