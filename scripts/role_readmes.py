@@ -32,10 +32,15 @@ def _default(option: dict[str, Any], defaults: dict[str, Any], name: str) -> str
     return "`" + text.replace("|", "\\|") + "`"
 
 
+def _defaults(role: Path) -> dict[str, Any]:
+    defaults_file = role / "defaults" / "main.yml"
+    return (yaml.safe_load(defaults_file.read_text()) or {}) if defaults_file.exists() else {}
+
+
 def render(role: Path) -> str:
     spec = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]
-    defaults_file = role / "defaults" / "main.yml"
-    defaults = yaml.safe_load(defaults_file.read_text()) or {} if defaults_file.exists() else {}
+    # A shared default is valued in the common role, and shown by the role that documents it.
+    defaults = {**_defaults(role.parent / "nitro_enclaves_common"), **_defaults(role)}
     lines = [
         f"# Role `{role.name}`",
         "",
