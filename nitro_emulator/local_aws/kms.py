@@ -40,8 +40,8 @@ import base64
 import binascii
 import datetime as dt
 import json
+import logging
 import os
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +57,7 @@ KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
 FAULTS_ENV = "NITRO_LOCAL_AWS_KMS_FAULTS"
 KEY_PAIR_SPECS = ("RSA_2048", "RSA_3072", "RSA_4096", "ECC_NIST_P256", "ECC_NIST_P384", "ECC_NIST_P521")
 
+_LOG = logging.getLogger("nitro-local-aws")
 _state: dict[str, Any] = {"extra_roots": [], "roots": None}
 _lock = threading.Lock()
 
@@ -456,8 +457,9 @@ def _patched_call_action(original: Callable[[KmsResponse], Any]) -> Callable[[Km
         except NotImplementedError:
             return _error_response(self, UnsupportedOperationException(f"{action} is not implemented locally"))
         except Exception as exc:
-            # One line, no traceback and no request values (they may hold key material).
-            print(f"nitro-local-aws: {action} failed in moto: {type(exc).__name__}", file=sys.stderr, flush=True)
+            # One line, no traceback and no request values (they may hold key material); through logging,
+            # so the redaction filters the server installs see it too.
+            _LOG.error("%s failed in moto: %s", action, type(exc).__name__)
             message = f"The request could not be processed ({type(exc).__name__}); check the parameters"
             return _error_response(self, ValidationException(message))
 
