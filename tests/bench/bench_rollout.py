@@ -156,27 +156,64 @@ def bench_processes(names: list[str], processes: dict[int, tuple[float, str, int
     return descendants(shims | kms, processes)
 
 
+def _family(cmdline: str) -> str:
+    if "nitro-local-aws" in cmdline:
+        return "local KMS on the controller"
+    return next(f for f, marks in CPU_FAMILIES if any(m in cmdline for m in marks))
+
+
+def _command_key(cmdline: str) -> str:
+    """A short name for a process: its program and the first argument that tells what it runs."""
+    words = [w for w in cmdline.split() if not w.startswith("-")][:3]
+    return " ".join(Path(w).name if "/" in w else w for w in words)[:60] or "?"
+
+
 def cpu_report(
     before: dict[int, tuple[float, str, int]], controller_seconds: float, wall: float, names: list[str]
 ) -> tuple[list[str], float]:
-    """Lines of where the CPU went, and the CPU seconds of the controller and the hosts in all."""
+    """Lines of where the CPU went, and the CPU seconds of the controller and the hosts in all.
+
+    A process's CPU counts in its parent once reaped (cutime). A process that was there before and is
+    gone after has been reaped into its parent (for detached enclave processes: the container's init)
+    with all it used before the run too: that earlier part is taken off again, from the reaper's family.
+    """
     after = _processes()
     used = {family: 0.0 for family, _ in CPU_FAMILIES}
     used["local KMS on the controller"] = 0.0
+    by_command: dict[str, float] = {}
     for pid in bench_processes(names, after):
         seconds, cmdline, _ = after[pid]
-        delta = max(seconds - before[pid][0] if pid in before else seconds, 0.0)
-        if "nitro-local-aws" in cmdline:
-            used["local KMS on the controller"] += delta
-            continue
-        used[next(f for f, marks in CPU_FAMILIES if any(m in cmdline for m in marks))] += delta
+        same = pid in before and before[pid][1] == cmdline
+        delta = seconds - before[pid][0] if same else seconds
+        used[_family(cmdline)] += delta
+        by_command[_command_key(cmdline)] = by_command.get(_command_key(cmdline), 0.0) + delta
+    for pid in bench_processes(names, before) - set(after):
+        seconds, _, ppid = before[pid]
+        reaper = before.get(ppid, after.get(ppid, (0.0, "", 0)))[1]
+        used[_family(reaper)] -= seconds
+        by_command[_command_key(reaper)] = by_command.get(_command_key(reaper), 0.0) - seconds
     rows = [("ansible-playbook on the controller (forks, docker CLI, local modules, EIF build)", controller_seconds)]
     rows += sorted(used.items(), key=lambda row: -row[1])
     capacity = wall * (os.cpu_count() or 1)
     lines = [
         f"  {cpu_s:6.1f} cpu-s ({100 * cpu_s / capacity:4.1f} % of {capacity:.0f})  {name}" for name, cpu_s in rows
     ]
+    lines.append("  in the hosts, by process (reaped children in their parent):")
+    top = sorted(by_command.items(), key=lambda row: -row[1])[:8]
+    lines += [f"    {cpu_s:6.1f} cpu-s  {name}" for name, cpu_s in top]
+    engine = sum(after[pid][0] - before[pid][0] for pid in _engine(after) if pid in before)
+    lines.append(
+        f"  {engine:6.1f} cpu-s  docker engine (dockerd, containerd: the hosts' docker exec; machine-wide, other "
+        "jobs' containers too: not in the figure)"
+    )
     return lines, sum(cpu_s for _, cpu_s in rows)
+
+
+def _engine(processes: dict[int, tuple[float, str, int]]) -> set[int]:
+    return {pid for pid, (_, cmd, _) in processes.items() if cmd.split(" ", 1)[0].rsplit("/", 1)[-1] in ENGINE}
+
+
+ENGINE = ("dockerd", "containerd")
 
 
 def playbook(
