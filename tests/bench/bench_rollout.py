@@ -6,8 +6,11 @@ fit 50 on 2 cores they are lighter than a systemd container: no systemd and no j
 under docker's init, which reaps orphans), so supervised_service runs every service under its restart
 loop, as on any host without systemd; the roles, the services and the enclave app are the same.
 BENCH_ROLLOUT_HOSTS sets the fleet size (default 50), BENCH_ROLLOUT_SYSTEMD=1 brings back systemd
-hosts. site.yml converges the fleet (not timed); then rollout.yml rolls it to a new image in two batches
-(serial 50 %) and is timed. Then the fleet idles for IDLE_S seconds and the CPU (utime + stime, reaped
+hosts. Set-up (not timed): site.yml converges the single host, which is then committed as an image; the
+fleet's hosts start from it (its venv, wheelhouse, EIF and service files: converging 50 fresh hosts took
+longer than 17 min on 2 cores), and site.yml converges them too, which then only gives each host its own
+settings and starts its services and enclave. Then rollout.yml rolls the fleet to a new image in two
+batches (serial 50 %) and is timed. Then the fleet idles for IDLE_S seconds and the CPU (utime + stime, reaped
 children included) of each host's processes is summed. Figures are printed, never asserted. What
 dominates is shown two ways: where the CPU went while each rollout ran (2 cores shared by the
 controller, the container hosts and their enclaves), and the slowest tasks of the fleet's rollout.
