@@ -6,8 +6,11 @@ fit 50 on 2 cores they are lighter than a systemd container: no systemd and no j
 under docker's init, which reaps orphans), so supervised_service runs every service under its restart
 loop, as on any host without systemd; the roles, the services and the enclave app are the same.
 BENCH_ROLLOUT_HOSTS sets the fleet size (default 50), BENCH_ROLLOUT_SYSTEMD=1 brings back systemd
-hosts. site.yml converges the fleet (not timed); then rollout.yml rolls it to a new image in two batches
-(serial 50 %) and is timed. Then the fleet idles for IDLE_S seconds and the CPU (utime + stime, reaped
+hosts. Set-up (not timed): site.yml converges the single host, which is then committed as an image; the
+fleet's hosts start from it (its venv, wheelhouse, EIF and service files: converging 50 fresh hosts took
+longer than 17 min on 2 cores), and site.yml converges them too, which then only gives each host its own
+settings and starts its services and enclave. Then rollout.yml rolls the fleet to a new image in two
+batches (serial 50 %) and is timed. Then the fleet idles for IDLE_S seconds and the CPU (utime + stime, reaped
 children included) of each host's processes is summed. Figures are printed, never asserted. What
 dominates is shown two ways: where the CPU went while each rollout ran (2 cores shared by the
 controller, the container hosts and their enclaves), and the slowest tasks of the fleet's rollout.
@@ -29,6 +32,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 IMAGE = "nitro-ansible/systemd:bookworm"
+# The single host, converged by site.yml, committed: the fleet's hosts start from it (see converge_fleet).
+CONVERGED_IMAGE = "nitro-bench-rollout/converged:latest"
 KMS_PORT = 44566
 GATEWAY_BASE_PORT = 19000
 HOSTS = int(os.environ.get("BENCH_ROLLOUT_HOSTS", "50"))
@@ -44,10 +49,10 @@ def docker(*args: str) -> str:
 SUMMARY: list[tuple[str, str, str]] = []
 
 
-def start_hosts(count: int) -> list[str]:
+def start_hosts(count: int, image: str = IMAGE) -> list[str]:
     names = [f"nitro-bench-{i}" for i in range(1, count + 1)]
     # Without systemd, docker's init (tini) is PID 1: it reaps the detached enclave processes that exit.
-    command = [IMAGE, "/sbin/init"] if SYSTEMD else ["--init", IMAGE, "sleep", "infinity"]
+    command = [image, "/sbin/init"] if SYSTEMD else ["--init", image, "sleep", "infinity"]
     for name in names:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
         docker(
@@ -154,27 +159,64 @@ def bench_processes(names: list[str], processes: dict[int, tuple[float, str, int
     return descendants(shims | kms, processes)
 
 
+def _family(cmdline: str) -> str:
+    if "nitro-local-aws" in cmdline:
+        return "local KMS on the controller"
+    return next(f for f, marks in CPU_FAMILIES if any(m in cmdline for m in marks))
+
+
+def _command_key(cmdline: str) -> str:
+    """A short name for a process: its program and the first argument that tells what it runs."""
+    words = [w for w in cmdline.split() if not w.startswith("-")][:3]
+    return " ".join(Path(w).name if "/" in w else w for w in words)[:60] or "?"
+
+
 def cpu_report(
     before: dict[int, tuple[float, str, int]], controller_seconds: float, wall: float, names: list[str]
 ) -> tuple[list[str], float]:
-    """Lines of where the CPU went, and the CPU seconds of the controller and the hosts in all."""
+    """Lines of where the CPU went, and the CPU seconds of the controller and the hosts in all.
+
+    A process's CPU counts in its parent once reaped (cutime). A process that was there before and is
+    gone after has been reaped into its parent (for detached enclave processes: the container's init)
+    with all it used before the run too: that earlier part is taken off again, from the reaper's family.
+    """
     after = _processes()
     used = {family: 0.0 for family, _ in CPU_FAMILIES}
     used["local KMS on the controller"] = 0.0
+    by_command: dict[str, float] = {}
     for pid in bench_processes(names, after):
         seconds, cmdline, _ = after[pid]
-        delta = max(seconds - before[pid][0] if pid in before else seconds, 0.0)
-        if "nitro-local-aws" in cmdline:
-            used["local KMS on the controller"] += delta
-            continue
-        used[next(f for f, marks in CPU_FAMILIES if any(m in cmdline for m in marks))] += delta
+        same = pid in before and before[pid][1] == cmdline
+        delta = seconds - before[pid][0] if same else seconds
+        used[_family(cmdline)] += delta
+        by_command[_command_key(cmdline)] = by_command.get(_command_key(cmdline), 0.0) + delta
+    for pid in bench_processes(names, before) - set(after):
+        seconds, _, ppid = before[pid]
+        reaper = before.get(ppid, after.get(ppid, (0.0, "", 0)))[1]
+        used[_family(reaper)] -= seconds
+        by_command[_command_key(reaper)] = by_command.get(_command_key(reaper), 0.0) - seconds
     rows = [("ansible-playbook on the controller (forks, docker CLI, local modules, EIF build)", controller_seconds)]
     rows += sorted(used.items(), key=lambda row: -row[1])
     capacity = wall * (os.cpu_count() or 1)
     lines = [
         f"  {cpu_s:6.1f} cpu-s ({100 * cpu_s / capacity:4.1f} % of {capacity:.0f})  {name}" for name, cpu_s in rows
     ]
+    lines.append("  in the hosts, by process (reaped children in their parent):")
+    top = sorted(by_command.items(), key=lambda row: -row[1])[:8]
+    lines += [f"    {cpu_s:6.1f} cpu-s  {name}" for name, cpu_s in top]
+    engine = sum(after[pid][0] - before[pid][0] for pid in _engine(after) if pid in before)
+    lines.append(
+        f"  {engine:6.1f} cpu-s  docker engine (dockerd, containerd: the hosts' docker exec; machine-wide, other "
+        "jobs' containers too: not in the figure)"
+    )
     return lines, sum(cpu_s for _, cpu_s in rows)
+
+
+def _engine(processes: dict[int, tuple[float, str, int]]) -> set[int]:
+    return {pid for pid, (_, cmd, _) in processes.items() if cmd.split(" ", 1)[0].rsplit("/", 1)[-1] in ENGINE}
+
+
+ENGINE = ("dockerd", "containerd")
 
 
 def playbook(
@@ -210,12 +252,16 @@ def playbook(
 def rollout_seconds(count: int) -> tuple[float, str, list[str], float, dict[str, float]]:
     """Rollout wall time, its output, where the CPU went, the CPU seconds it took in all, and each host's
     idle CPU afterwards."""
-    names = start_hosts(count)
+    # The fleet starts from the converged single host (its venv, wheelhouse, EIF and services' files):
+    # site.yml then only gives each host its own settings and starts its services and enclave.
+    names = start_hosts(count, IMAGE if count == 1 else CONVERGED_IMAGE)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             inv = inventory(names, Path(tmp))
             converge, _, _ = playbook(inv, "site.yml")
             print(f"  {count} host(s): site.yml converged in {converge:.0f} s (not the figure)", flush=True)
+            if count == 1:
+                docker("commit", names[0], CONVERGED_IMAGE)
             version = f"bench-{count}-{int(time.time())}"
             cpu: list[str] = []
             elapsed, out, total = playbook(inv, "playbooks/rollout.yml", "-e", f"enclave_image_version={version}",
@@ -242,9 +288,12 @@ def rollout_seconds(count: int) -> tuple[float, str, list[str], float, dict[str,
 
 def main() -> None:
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    one, _, one_cpu, one_total, _ = rollout_seconds(1)
-    print(f"rollout to a new EIF, 1 host: {one:.0f} s; CPU while it ran:", *one_cpu, sep="\n", flush=True)
-    many, out, many_cpu, many_total, idle = rollout_seconds(HOSTS)
+    try:
+        one, _, one_cpu, one_total, _ = rollout_seconds(1)
+        print(f"rollout to a new EIF, 1 host: {one:.0f} s; CPU while it ran:", *one_cpu, sep="\n", flush=True)
+        many, out, many_cpu, many_total, idle = rollout_seconds(HOSTS)
+    finally:
+        subprocess.run(["docker", "image", "rm", "-f", CONVERGED_IMAGE], capture_output=True, check=False)
     half = (HOSTS + 1) // 2
     print(f"rollout to a new EIF, {HOSTS} hosts (2 batches of {half}): {many:.0f} s; CPU while it ran:", *many_cpu,
           sep="\n")  # fmt: skip
