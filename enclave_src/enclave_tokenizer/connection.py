@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from . import protocol
 from .config import RequestError, _WithId
 from .protocol import ProtocolError
+from .service import encode_answer
 
 if TYPE_CHECKING:
     from .server import TokenizerServer
@@ -121,7 +122,7 @@ class _Connection(asyncio.Protocol):
                 answer = protocol.encode_frame(protocol.error(None, exc.code, exc.message))
             else:
                 if op in service.fast_ops:
-                    answer = protocol.encode_frame(service.handle_fast(request_id, op, request))
+                    answer = encode_answer(service.handle_fast(request_id, op, request))
                 else:
                     refusal = self._slow(request_id, op, request, len(body))
                     if refusal is None:

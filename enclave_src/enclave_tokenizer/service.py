@@ -36,6 +36,49 @@ class Stats:
     tokens: int = 0
 
 
+class TokenBatch(dict[str, Any]):
+    """A tokenize batch's result (tokens, last_four, errors, key_check), marked for encode_answer.
+
+    Only op_tokenize makes one. Without errors its strings need no JSON escaping by construction (opaque
+    tokens are hex, fpe tokens and last fours ASCII digits of a normalized PAN, reversible tokens ``rv1.``
+    and base64url), so encode_answer joins them instead of escaping 2,000 strings one by one.
+    """
+
+    __slots__ = ()
+
+
+_ANSWER_KEYS = (("v", "id", "ok", "result"), ("v", "id", "ok", "result", "rid"))
+_BATCH_KEYS = ("tokens", "last_four", "errors", "key_check")
+
+
+def _string_list(items: list[str]) -> str:
+    return '["' + '","'.join(items) + '"]' if items else "[]"
+
+
+def encode_answer(answer: dict[str, Any]) -> bytes:
+    """The frame of an answer: protocol.encode_frame's bytes exactly, a successful TokenBatch without the
+    JSON encoder's per-string work (~10 µs instead of ~200 µs for 1,000 tokens; the server's whole work
+    for such a batch is ~1 ms)."""
+    result = answer.get("result")
+    if type(result) is not TokenBatch or result["errors"] or tuple(result) != _BATCH_KEYS:
+        return protocol.encode_frame(answer)
+    keys = tuple(answer)
+    if keys not in _ANSWER_KEYS or answer["ok"] is not True or answer["v"] != protocol.PROTOCOL_VERSION:
+        return protocol.encode_frame(answer)
+    to_json = protocol.to_json
+    text = "".join(
+        (
+            f'{{"v":{protocol.PROTOCOL_VERSION},"id":{to_json(answer["id"])},"ok":true,"result":{{"tokens":',
+            _string_list(result["tokens"]),
+            ',"last_four":',
+            _string_list(result["last_four"]),
+            f',"errors":[],"key_check":{to_json(result["key_check"])}}}',
+            f',"rid":{to_json(answer["rid"])}}}' if len(keys) == 5 else "}",
+        )
+    )
+    return protocol.frame(text.encode("ascii"))
+
+
 class TokenizerService(ProvisioningOps):
     """Operations on decoded requests; the transport-independent core (tests drive it directly too)."""
 
@@ -133,7 +176,7 @@ class TokenizerService(ProvisioningOps):
             return {"token": make(pan), "last_four": pan[-4:], "key_check": tokenizer.key_check}
         tokens, last_four, errors = tokenizer.tokenize_many(pans, mode)
         self.stats.tokens += len(pans) - len(errors)
-        return {"tokens": tokens, "last_four": last_four, "errors": errors, "key_check": tokenizer.key_check}
+        return TokenBatch(tokens=tokens, last_four=last_four, errors=errors, key_check=tokenizer.key_check)
 
     def op_detokenize(self, request: dict[str, Any]) -> dict[str, Any]:
         tokenizer = self._tokenizer()
