@@ -22,8 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from enclave_tokenizer import provisioning
-from enclave_tokenizer import vsock
+from enclave_tokenizer import provisioning, vsock
 from enclave_tokenizer.client import Client, TokenizerError
 from enclave_tokenizer.cms import build_enveloped_data
 from enclave_tokenizer.tokens import Tokenizer
