@@ -54,6 +54,11 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     return frame(_encoder.encode(message).encode("ascii"))
 
 
+def to_json(value: Any) -> str:
+    """``value`` as encode_frame writes it (ASCII, compact)."""
+    return _encoder.encode(value)
+
+
 class _NonFinite(ValueError):
     """NaN, Infinity or a literal that overflows a double: not JSON numbers (RFC 8259 section 6)."""
 

@@ -41,7 +41,10 @@ import time
 from typing import Any
 
 from . import eventloop, vsock
-from .server import ServerConfig, Stats, TokenizerServer, TokenizerService, _KeyState
+from .config import ServerConfig
+from .provisioning import _KeyState
+from .server import TokenizerServer
+from .service import Stats, TokenizerService
 from .tokens import Tokenizer
 
 log = logging.getLogger("enclave_tokenizer.workers")

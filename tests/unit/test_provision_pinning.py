@@ -22,8 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from enclave_tokenizer import server as server_module
-from enclave_tokenizer import vsock
+from enclave_tokenizer import provisioning, vsock
 from enclave_tokenizer.client import Client, TokenizerError
 from enclave_tokenizer.cms import build_enveloped_data
 from enclave_tokenizer.tokens import Tokenizer
@@ -241,7 +240,7 @@ def test_a_fake_kms_cannot_replace_the_key(
     assert enclave.health()["key_check"] == first["key_check"] != fake_tokens.key_check
 
     # A Nitro host (not the emulated NSM): only https to the regional endpoint, certificate verified.
-    monkeypatch.setattr(server_module, "_emulated_nsm", lambda: False)
+    monkeypatch.setattr(provisioning, "_emulated_nsm", lambda: False)
     with running_server(vsock_dir, cid=17, proxy_port=fake_port), Client(17, 5000, timeout=30) as real_host:
         plain = _request(local_kms, fleet_key, fake_port)
         assert _refused(real_host, plain) == "bad_request"  # plain http endpoint

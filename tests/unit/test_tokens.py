@@ -323,3 +323,14 @@ def test_uniform_batches_match_one_by_one(tk: Tokenizer, length: int, data: st.D
         expected[0].append(tk.opaque(pan))
         expected[1].append(pan[-4:])
     assert tk.tokenize_many(items) == expected
+
+
+def test_fast_hmac_same_with_either_sha256(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The built-in SHA-256 (cheap copies) and hashlib's OpenSSL one give the same tokens."""
+    key = bytes(range(32))
+    fast = tokens._Hmac256(key)
+    monkeypatch.setattr(tokens, "_SHA256", hashlib.sha256)
+    openssl = tokens._Hmac256(key)
+    pans = [f"4111111111{i:06d}" for i in range(50)]
+    assert fast.opaque_many(pans) == openssl.opaque_many(pans)
+    assert fast.digest(b"4111111111111111") == openssl.digest(b"4111111111111111")

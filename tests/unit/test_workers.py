@@ -33,13 +33,13 @@ ARN = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890
 SERVER = textwrap.dedent(
     f"""
     import sys
-    from enclave_tokenizer import server, redaction
+    from enclave_tokenizer import provisioning, server, redaction
     from enclave_tokenizer.tokens import Tokenizer
 
     def fake_bootstrap(params):  # KMS replaced: the "ciphertext" carries the data key
         return Tokenizer.from_data_key(params["blob"][:32]), {ARN!r}, None
 
-    server._bootstrap_key = fake_bootstrap
+    provisioning._bootstrap_key = fake_bootstrap
     redaction.setup("INFO")
     sys.exit(server.main(["--port", sys.argv[1]]))
     """
