@@ -30,22 +30,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import redaction, vsock
-from .config import RequestError, ServerConfig
+from .config import ServerConfig
 from .connection import _Connection
-from .provisioning import _KeyState
-from .service import APP_VERSION, Stats, TokenizerService
-
-# Re-exported: the server's names as they were before the split into modules.
-__all__ = [
-    "APP_VERSION",
-    "RequestError",
-    "ServerConfig",
-    "Stats",
-    "TokenizerServer",
-    "TokenizerService",
-    "_KeyState",
-    "main",
-]
+from .service import TokenizerService
 
 log = logging.getLogger("enclave_tokenizer.server")
 

@@ -42,8 +42,8 @@ from typing import Any
 
 from enclave_tokenizer import protocol, vsock
 from enclave_tokenizer.client import Client
-from enclave_tokenizer.server import ServerConfig, TokenizerService
-from enclave_tokenizer.service import encode_answer
+from enclave_tokenizer.config import ServerConfig
+from enclave_tokenizer.service import TokenizerService, encode_answer
 from enclave_tokenizer.tokens import Tokenizer, luhn_check_digit
 
 CID = 16
@@ -74,7 +74,9 @@ OUR_SERVER = textwrap.dedent(
     """
     import asyncio, os, sys
     from enclave_tokenizer import eventloop, workers
-    from enclave_tokenizer.server import ServerConfig, TokenizerServer, _KeyState
+    from enclave_tokenizer.config import ServerConfig
+    from enclave_tokenizer.provisioning import _KeyState
+    from enclave_tokenizer.server import TokenizerServer
     from enclave_tokenizer.tokens import Tokenizer
 
     # As server.main(), with the bench's random data key installed (TOKENIZER_WORKERS: 1 = the single

@@ -42,7 +42,8 @@ DEADLINE = 3.0  # frame_timeout and write_timeout of the test server (production
 
 SERVER = """
 import asyncio, json, sys
-from enclave_tokenizer.server import ServerConfig, TokenizerServer
+from enclave_tokenizer.config import ServerConfig
+from enclave_tokenizer.server import TokenizerServer
 from enclave_tokenizer.tokens import Tokenizer
 
 async def main():

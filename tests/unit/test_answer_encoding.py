@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 from enclave_tokenizer import protocol
-from enclave_tokenizer.server import ServerConfig, TokenizerService
-from enclave_tokenizer.service import TokenBatch, encode_answer
+from enclave_tokenizer.config import ServerConfig
+from enclave_tokenizer.service import TokenBatch, TokenizerService, encode_answer
 from enclave_tokenizer.tokens import Tokenizer, luhn_check_digit
 
 PANS = [body + luhn_check_digit(body) for body in (f"{411111000000000 + i * 7919:015d}" for i in range(40))]

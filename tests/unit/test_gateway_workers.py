@@ -26,7 +26,8 @@ KEY = bytes(range(32))
 ENCLAVE = textwrap.dedent(
     """
     import asyncio, sys
-    from enclave_tokenizer.server import ServerConfig, TokenizerServer
+    from enclave_tokenizer.config import ServerConfig
+    from enclave_tokenizer.server import TokenizerServer
     from enclave_tokenizer.tokens import Tokenizer
 
     async def main():

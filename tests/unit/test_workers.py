@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.data_key_record import GENERATION_CONTEXT_KEY
 from enclave_tokenizer import protocol, vsock
-from enclave_tokenizer.server import ServerConfig
+from enclave_tokenizer.config import ServerConfig
 from enclave_tokenizer.tokens import Tokenizer
 from enclave_tokenizer.workers import KeyShare, dump_key_state, load_key_state, worker_config
 
@@ -178,7 +178,7 @@ def test_worker_bounds_split_the_enclave_budgets() -> None:
 
 
 def test_key_state_round_trip_and_seqlock() -> None:
-    from enclave_tokenizer.server import _KeyState
+    from enclave_tokenizer.provisioning import _KeyState
 
     state = _KeyState(
         tokenizer=Tokenizer.from_data_key(KEY_B),

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from enclave_tokenizer import protocol, vsock
-from enclave_tokenizer.server import ServerConfig, TokenizerServer
+from enclave_tokenizer.config import ServerConfig
+from enclave_tokenizer.server import TokenizerServer
 from enclave_tokenizer.tokens import Tokenizer, capability_digest
 
 TEST_KEY = bytes(range(32))
@@ -117,7 +118,8 @@ def call(sock: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
 
 SERVER_SCRIPT = """
 import asyncio, json, sys
-from enclave_tokenizer.server import ServerConfig, TokenizerServer
+from enclave_tokenizer.config import ServerConfig
+from enclave_tokenizer.server import TokenizerServer
 from enclave_tokenizer.tokens import Tokenizer, capability_digest
 
 async def main():
