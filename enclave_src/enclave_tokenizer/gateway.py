@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from aiohttp import web
 
 from . import gateway_requests, http_api, parent, redaction
 from .client import EnclaveUnavailable, TokenizerError
+from .gateway_coalesce import Coalescer
 from .gateway_http import Runner, error, json_errors
 from .gateway_session import EnclaveSession, health_reason
 from .metrics import GatewayMetrics, traffic_store
@@ -47,6 +49,12 @@ _HEALTH_WAIT_STEP_S = 0.5
 # Errors of an enclave that is relaunching or not yet re-provisioned: requests wait (hold_timeout) for it.
 _HELD_CODES = ("enclave_unavailable", "not_provisioned")
 _UPGRADE_CHECK_S = 5.0
+# Answers as the enclave encodes them (compact, ASCII): a batch's result passes through unchanged.
+_encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+
+
+def _json_body(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 class Gateway(EnclaveSession):
@@ -54,6 +62,7 @@ class Gateway(EnclaveSession):
         self, config: GatewayConfig, monitor: bool = True, store: TrafficStore | None = None, worker: int = 0
     ) -> None:
         super().__init__(config, monitor)
+        self.coalescer = Coalescer(lambda: self.client.request, config.max_batch)
         # ``store``: the traffic counters all the gateway's processes share (``worker``: this one's slot).
         interval = config.metrics_self_check_interval
         self.metrics = GatewayMetrics(self, interval, store, worker) if config.metrics else None
@@ -68,12 +77,19 @@ class Gateway(EnclaveSession):
         except TokenizerError as exc:
             return error(exc.code, exc.message)
         rid = redaction.request_id.get()
-        if rid is not None:
+        coalesce = enclave_request["op"] == "tokenize" and Coalescer.accepts(enclave_request)
+        if rid is not None and not coalesce:
             enclave_request["rid"] = rid  # echoed by the enclave; its own records carry it
         deadline = time.monotonic() + self.config.hold_timeout
         while True:
             try:
-                return web.json_response(await self.client.request(enclave_request))
+                if coalesce:
+                    answer = await self.coalescer.tokenize(enclave_request["pan"], enclave_request["mode"], rid)
+                elif type(enclave_request.get(many)) is list:  # a batch: its result answered as encoded
+                    return _json_body(await self.client.request_json(enclave_request))
+                else:
+                    answer = await self.client.request(enclave_request)
+                return _json_body(_encoder.encode(answer).encode())
             except TokenizerError as exc:
                 # An enclave being relaunched (or re-provisioned) comes back: hold the request rather than
                 # answer 503. Every operation is idempotent, so sending it again is safe.
@@ -147,6 +163,7 @@ class Gateway(EnclaveSession):
         self.start_monitor()
 
     async def _on_cleanup(self, app: web.Application) -> None:
+        await self.coalescer.close()
         await self.close()
 
 
@@ -229,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         config.workers, lambda worker: serve(config, signals=True, worker=worker, store=store)
     )
     try:
-        upgraded = asyncio.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp()), store=store))
+        upgraded = gateway_workers.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp()), store=store))
     finally:
         gateway_workers.stop(children)
     if upgraded:
