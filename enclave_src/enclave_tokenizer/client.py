@@ -88,6 +88,15 @@ def _answer_id(body: bytes) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
+def _decoded(body: bytes) -> dict[str, Any]:
+    """An answer routed by its id, decoded: one that is not a JSON object is the enclave's fault, not the
+    caller's (``bad_response``, the status of an unknown enclave error)."""
+    try:
+        return protocol.decode_message(body)
+    except protocol.ProtocolError:
+        raise TokenizerError("bad_response", "malformed answer from the enclave") from None
+
+
 def _resolve(cid: CidSource) -> int:
     return cid() if callable(cid) else cid
 
@@ -390,7 +399,7 @@ class AsyncClient:
 
     async def call(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Raw response message for one request (retried on a fresh connection if the link breaks)."""
-        return protocol.decode_message((await self._call(request, timeout))[1])
+        return _decoded((await self._call(request, timeout))[1])
 
     async def _call(self, request: dict[str, Any], timeout: float | None) -> tuple[int, bytes]:
         """(the request's id, the answer's undecoded body)."""
@@ -428,7 +437,7 @@ class AsyncClient:
                 return body[len(prefix) - 1 : -len(rid) - 10]
             if body.endswith(b"}}") and rid is None:
                 return body[len(prefix) - 1 : -1]
-        result = _result(protocol.decode_message(body))
+        result = _result(_decoded(body))
         return json.dumps(result, separators=(",", ":")).encode()
 
     async def tokenize(self, pan: str, mode: str = "opaque") -> dict[str, Any]:

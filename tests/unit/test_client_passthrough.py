@@ -46,3 +46,32 @@ def test_answer_ids_are_read_only_from_the_usual_prefix() -> None:
     assert _answer_id(b'{"v":1,"id":null,"ok":false}') is None
     assert _answer_id(b'{"v":1,"id":-3,"ok":true}') is None  # decoded in full instead
     assert _answer_id(b'{"id":42,"v":1}') is None
+
+
+def test_a_malformed_answer_is_a_bad_response(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer whose first bytes route it but whose JSON is broken fails its caller as bad_response."""
+    monkeypatch.setenv("NITRO_VSOCK_DIR", str(tmp_path))
+    from enclave_tokenizer import protocol, vsock
+
+    async def main() -> None:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while header := await reader.read(4):
+                body = await reader.readexactly(int.from_bytes(header, "big"))
+                request_id = json.loads(body)["id"]
+                writer.write(protocol.frame(b'{"v":1,"id":%d,"ok":true,"result":{"tok' % request_id))
+                await writer.drain()
+
+        path = vsock.unix_path(ENCLAVE_CID, 5009)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        server = await asyncio.start_unix_server(answer, str(path))
+        client = AsyncClient(ENCLAVE_CID, 5009, pool_size=1, timeout=5)
+        try:
+            for call in (client.request, client.request_json):
+                with pytest.raises(TokenizerError) as failed:
+                    await call({"op": "tokenize", "pans": ["4111111111111111"]})
+                assert failed.value.code == "bad_response"
+        finally:
+            await client.close()
+            server.close()
+
+    asyncio.run(main())
