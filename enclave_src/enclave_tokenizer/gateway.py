@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         config.workers, lambda worker: serve(config, signals=True, worker=worker, store=store)
     )
     try:
-        upgraded = gateway_workers.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp()), store=store))
+        upgraded = asyncio.run(serve(config, signals=True, upgrade=UpgradeWatch(default_stamp()), store=store))
     finally:
         gateway_workers.stop(children)
     if upgraded:

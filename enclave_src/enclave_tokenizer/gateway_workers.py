@@ -17,23 +17,11 @@ import os
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 log = logging.getLogger("enclave_tokenizer.gateway")
 
 _STOP_TIMEOUT_S = 10.0
-T = TypeVar("T")
-
-
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run on uvloop when it is installed (the parent's tools venv has it: its C event loop and
-    transports answer more requests per core, see README "Benchmarks"), else on asyncio's own loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 def start(count: int, serve: Callable[[int], Coroutine[Any, Any, Any]]) -> list[tuple[int, int]]:
@@ -48,7 +36,7 @@ def start(count: int, serve: Callable[[int], Coroutine[Any, Any, Any]]) -> list[
                 os.close(alive_write)
                 for _pid, fd in children:
                     os.close(fd)
-                run(_worker(serve(index), alive_read))
+                asyncio.run(_worker(serve(index), alive_read))
                 code = 0
             except BaseException as exc:  # only the type: a message could quote request data
                 log.error("gateway worker %d failed: %s", index, type(exc).__name__)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import cProfile
 import hmac
-import importlib.util
 import json
 import os
 import pstats
@@ -316,9 +315,8 @@ def _bench_gateway(env: dict[str, str], workdir: Path, direct_batch: float, serv
     if shutil.which("wrk") is None:
         print("gateway: wrk not installed (`apt-get install wrk`; make bench installs it): no gateway figures")
         return results
-    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio's loop (uvloop not installed)"
     print(
-        f"gateway: aiohttp on {loop}, loopback, keep-alive, wrk (C load generator, 1 thread) on the same 2 cores;"
+        "gateway: aiohttp on loopback, keep-alive, wrk (C load generator, 1 thread) on the same 2 cores;"
         " one-PAN requests of one loop turn go to the enclave as one batch"
     )
     single = json.dumps({"pan": _pans(1)[0]}).encode()
