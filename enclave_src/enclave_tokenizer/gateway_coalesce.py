@@ -21,13 +21,16 @@ from .client import TokenizerError
 # Only PAN-sized strings are coalesced, so a batch of them stays far below the enclave's frame limit
 # (a PAN is 12-19 digits, perhaps with separators); anything else goes alone, checked as it is.
 MAX_PAN_CHARS = 64
+# At most this many PANs a batch (and never more than the gateway's max_batch): far below any enclave's batch
+# limit (10,000 by default), so coalescing never turns single requests into a refused batch.
+MAX_ITEMS = 256
 Request = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class Coalescer:
     def __init__(self, request: Callable[[], Request], max_items: int) -> None:
         self._request = request  # looked up per send: metrics wrap the client's entry point after start-up
-        self.max_items = max(1, max_items)
+        self.max_items = max(1, min(max_items, MAX_ITEMS))
         self._queued: dict[str, list[tuple[str, str | None, asyncio.Future[dict[str, Any]]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
