@@ -11,11 +11,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -41,7 +42,21 @@ def request_id_of(request: web.BaseRequest) -> str:
     given = request.headers.get(REQUEST_ID_HEADER)
     if given and _REQUEST_ID.fullmatch(given) and redaction.redact(given) == given:
         return given
-    return uuid.uuid4().hex
+    return f"{_fresh[0]}{next(_fresh[1]):016x}"
+
+
+# Fresh ids: 32 hex characters as a uuid4's, a random prefix per process then a counter, so unique without
+# reading the kernel's random source per request (uuid4 is an os.urandom call: ~2 % of a request's time).
+# A forked gateway worker draws its own prefix.
+_fresh: list[Any] = []
+
+
+def _new_prefix() -> None:
+    _fresh[:] = [os.urandom(8).hex(), itertools.count()]
+
+
+_new_prefix()
+os.register_at_fork(after_in_child=_new_prefix)
 
 
 def route_pattern(request: web.BaseRequest) -> str:
@@ -81,7 +96,7 @@ def middleware(access: bool = True) -> Any:
             exc.headers[REQUEST_ID_HEADER] = rid
             raise
         finally:
-            if access:
+            if access and access_log.isEnabledFor(logging.INFO):  # fields built only for a line written
                 route = route_pattern(request)
                 fields = {
                     "method": request.method,

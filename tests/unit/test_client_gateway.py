@@ -566,12 +566,12 @@ def test_held_requests_are_released_by_the_previous_configuration_serving(tmp_pa
 
     gateway.check = check  # type: ignore[method-assign]
     start = time.monotonic()
-    assert asyncio.run(gateway._recovered(time.monotonic() + 20)) is True
+    assert asyncio.run(gateway.recovered(time.monotonic() + 20)) is True
     assert time.monotonic() - start < 10
     # An enclave that answers but whose key was refused will not change by waiting: released at once, False.
     refused = {"status": "unavailable", "app": {"answering": True}, "key": {"last_error": {"code": "kms_denied"}}}
     reports = iter([refused])
-    assert asyncio.run(gateway._recovered(time.monotonic() + 20)) is False
+    assert asyncio.run(gateway.recovered(time.monotonic() + 20)) is False
 
 
 def test_healthz_reports_the_supervisors_reason(vsock_dir: Path, tmp_path: Path) -> None:

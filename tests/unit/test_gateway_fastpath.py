@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from enclave_tokenizer import protocol
-from enclave_tokenizer.gateway import _flat_and_small
+from enclave_tokenizer.gateway_requests import flat_and_small as _flat_and_small
 from hypothesis import given
 from hypothesis import strategies as st
 
