@@ -179,7 +179,7 @@ def check_stored(params: dict, client, record: dict, meta: dict, *, name: str, c
 
 def _candidates(params: dict, context: dict):
     """(source, blob, context) of every data key that may be adopted, files first, then hosts' copies."""
-    for path in [*params["migrate_from"], *([params["dest"]] if params["dest"] else [])]:
+    for path in [*params["migrate_from"], *([params["dest"]] if params.get("dest") else [])]:
         if os.path.isfile(path):
             yield path, read_blob(path), context
     for index, text in enumerate(params["migrate_ciphertext"]):
