@@ -266,11 +266,14 @@ statements_changed:
 import contextlib
 
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.diff import diff_result
+from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.kms_calls import (
+    KMS_RETRY,
+    STATEMENT_OPTIONS,
+    sync_key_policy,
+)
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.kms_policy import (
     PolicyError,
-    apply_statements,
     dump_policy,
-    load_policy,
     parse_statement_spec,
 )
 
@@ -278,57 +281,48 @@ with contextlib.suppress(ImportError):  # AnsibleAWSModule reports a missing bot
     import botocore.exceptions
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
-from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
-
-MEASUREMENT_OPTIONS = ["image_sha384"] + [f"pcr{i}" for i in range(9)] + ["pcr3_role_arn", "pcr4_instance_id"]
-
-# KMS reports quota throttling as "ThrottlingException", which AWSRetry does not retry by default.
-KMS_RETRY = AWSRetry.jittered_backoff(retries=8, delay=1, max_delay=20, catch_extra_error_codes=["ThrottlingException"])
 
 
 def main() -> None:
-    statement_options = dict(
-        sid=dict(type="str", required=True),
-        principals=dict(type="list", elements="str"),
-        actions=dict(type="list", elements="str"),
-        **{name: dict(type="list", elements="str") for name in MEASUREMENT_OPTIONS},
-    )
     argument_spec = dict(
         key_id=dict(type="str", required=True, aliases=["key_arn", "alias"]),
-        statements=dict(type="list", elements="dict", required=True, options=statement_options),
+        statements=dict(type="list", elements="dict", required=True, options=STATEMENT_OPTIONS),
         state=dict(type="str", choices=["present", "absent"], default="present"),
         pcr_values_mode=dict(type="str", choices=["replace", "add", "remove"], default="replace"),
         allow_debug_pcrs=dict(type="bool", default=False),
     )
     module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
     params = module.params
-    # Throttling on a busy account is normal during fleet rollouts; back off with jitter.
     client = module.client("kms", retry_decorator=KMS_RETRY)
     try:
         try:
             specs = [parse_statement_spec(raw, allow_debug=params["allow_debug_pcrs"]) for raw in params["statements"]]
-            meta = client.describe_key(KeyId=params["key_id"], aws_retry=True)["KeyMetadata"]
-            key_id, key_arn = meta["KeyId"], meta["Arn"]
-            text = client.get_key_policy(KeyId=key_id, PolicyName="default", aws_retry=True)["Policy"]
-            before = load_policy(text)
-            result = apply_statements(before, specs, state=params["state"], mode=params["pcr_values_mode"])
+            sync = sync_key_policy(
+                client,
+                params["key_id"],
+                specs,
+                state=params["state"],
+                mode=params["pcr_values_mode"],
+                check_mode=module.check_mode,
+            )
         except PolicyError as exc:
             module.fail_json(msg=str(exc))
-        if result.changed and not module.check_mode:
-            client.put_key_policy(KeyId=key_id, PolicyName="default", Policy=dump_policy(result.policy), aws_retry=True)
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
         module.fail_json_aws(exc, msg=f"KMS call failed for key {params['key_id']}")
+    result = sync.result
     for warning in result.warnings:
         module.warn(warning)
     output = dict(
         changed=result.changed,
-        key_id=key_id,
-        key_arn=key_arn,
+        key_id=sync.key_id,
+        key_arn=sync.key_arn,
         policy=result.policy,
         statements_changed=result.changed_sids,
     )
     if module._diff:
-        output["diff"] = diff_result(dump_policy(before) + "\n", dump_policy(result.policy) + "\n", f"{key_arn} policy")
+        output["diff"] = diff_result(
+            dump_policy(sync.before) + "\n", dump_policy(result.policy) + "\n", f"{sync.key_arn} policy"
+        )
     module.exit_json(**output)
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT, VENV_BIN
 
-MODULES = ["kms_enclave_policy", "kms_enclave_data_key"]
+MODULES = ["kms_enclave_policy", "kms_enclave_data_key", "kms_enclave_key"]
 
 
 class Captured(Exception):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from nitro_fakes import ansible_doc, load_module
 
-MODULES = ["nitro_allocator", "nitro_enclave", "nitro_eif", "nitro_enclave_info"]
+MODULES = ["nitro_allocator", "nitro_enclave", "nitro_eif", "nitro_enclave_info", "host_files"]
 KEYS = ("type", "default", "choices", "required", "elements", "aliases")
 
 

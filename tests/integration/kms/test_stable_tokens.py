@@ -190,7 +190,7 @@ def test_two_checkouts_and_a_kms_restart_never_change_a_token(
             continue
         run = run_playbook(playbook, extra_vars=extra_vars)
         assert run.rc == 0, f"step {step}: {run.stdout[-3000:]}\n{run.stderr[-2000:]}"
-        data_key = next(r for r in run.results if r.get("action") == "nitro_enclaves.fleet.kms_enclave_data_key")
+        data_key = next(r for r in run.results if r.get("action") == "nitro_enclaves.fleet.kms_enclave_key")
         found.append(data_key["found_in"])
         seen.append(_tokens(vsock_dir, proxy_port, local_aws, host_record))
     assert found[0] == "generated" and all(f.startswith("ssm:/nitro-enclaves/stable-") for f in found[1:]), found

@@ -2,7 +2,8 @@
 
 Runs the role through `ansible-playbook` with a private service name: check mode changes nothing,
 start, idempotent re-run, a changed definition restarts, a killed loop is started again, stop, and
-absent removes the launcher. The molecule scenarios cover the systemd manager.
+absent removes the launcher; the same command keeps the log's logrotate configuration. The molecule
+scenarios cover the systemd manager.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class LoopService:
         self.workdir = workdir
         self.launcher = Path(f"/usr/local/sbin/supervise-{name}")
         self.pidfile = Path(f"/run/nitro-enclaves-{name}.pid")
+        self.logrotate = Path(f"/etc/logrotate.d/{name}")
         self.config = workdir / "ansible.cfg"
         self.config.write_text(f"[defaults]\ncollections_path = {REPO / 'collections'}\n")
 
@@ -100,12 +102,14 @@ def service(tmp_path: Path) -> Iterator[LoopService]:
         subprocess.run(stop, capture_output=True, check=False)
         svc.launcher.unlink(missing_ok=True)
         svc.pidfile.unlink(missing_ok=True)
+        svc.logrotate.unlink(missing_ok=True)
 
 
 def test_restart_loop_lifecycle(service: LoopService) -> None:
     planned = service.apply(check=True)
-    assert planned["changed"] and planned["stdout"] == "launcher=changed service=started"
+    assert planned["changed"] and planned["stdout"] == "launcher=changed service=started logrotate=changed"
     assert not service.launcher.exists() and service.pid() is None, "check mode must change nothing"
+    assert not service.logrotate.exists()
 
     first = service.apply()
     assert first["changed"] and first["started"]
@@ -113,9 +117,15 @@ def test_restart_loop_lifecycle(service: LoopService) -> None:
     assert pid is not None
     assert "MARKER=one" in service.launcher.read_text()
     assert oct(service.launcher.stat().st_mode & 0o777) == "0o755"
+    assert f"{service.log_dir}/{service.name}.log {{" in service.logrotate.read_text()
+    assert oct(service.logrotate.stat().st_mode & 0o777) == "0o644"
 
     again = service.apply()
-    assert not again["changed"] and not again["started"] and again["stdout"] == "launcher=unchanged service=unchanged"
+    assert (
+        not again["changed"]
+        and not again["started"]
+        and again["stdout"] == ("launcher=unchanged service=unchanged logrotate=unchanged")
+    )
     assert service.pid() == pid
 
     redefined = service.apply(marker="two")
@@ -133,7 +143,11 @@ def test_restart_loop_lifecycle(service: LoopService) -> None:
     while Path(f"/proc/{loop_pid}").exists() and time.monotonic() < deadline:  # until init reaps it
         time.sleep(0.1)
     revived = service.apply(marker="two")
-    assert revived["changed"] and revived["started"] and revived["stdout"] == "launcher=unchanged service=started"
+    assert (
+        revived["changed"]
+        and revived["started"]
+        and revived["stdout"] == ("launcher=unchanged service=started logrotate=unchanged")
+    )
     assert service.pid() is not None
 
     # The restart loop writes its child's exit to the log directory it created.
@@ -144,5 +158,5 @@ def test_restart_loop_lifecycle(service: LoopService) -> None:
     assert not service.apply(state="stopped", marker="two")["changed"]
 
     removed = service.apply(state="absent")
-    assert removed["changed"] and not service.launcher.exists()
+    assert removed["changed"] and not service.launcher.exists() and not service.logrotate.exists()
     assert not service.apply(state="absent")["changed"]
