@@ -398,7 +398,8 @@ def main() -> None:
         statements=dict(type="list", elements="dict", required=True, options=statement_options),
         pcr_values_mode=dict(type="str", choices=["replace", "add", "remove"], default="replace"),
         allow_debug_pcrs=dict(type="bool", default=False),
-        data_key=dict(type="dict", options=DATA_KEY_OPTIONS),
+        # Options about the data key (spec, context, parameter name), never key material.
+        data_key=dict(type="dict", options=DATA_KEY_OPTIONS, no_log=False),
     )
     module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
     kms = module.client("kms", retry_decorator=KMS_RETRY)
