@@ -18,7 +18,7 @@ from typing import Any
 from . import parent
 from .client import AsyncClient, TokenizerError
 from .parent import ConfigError, GatewayConfig
-from .supervisor_state import read_status
+from .supervisor_state import read_status, status_identity
 
 log = logging.getLogger("enclave_tokenizer.gateway")
 
@@ -26,6 +26,10 @@ _DESCRIBE_TTL = 2.0
 # While the app does not answer (an enclave booting or relaunching), nitro-cli is asked less often: each
 # describe is a process, and with the usual fixed CID the new enclave shows by answering again.
 _DESCRIBE_TTL_UNANSWERED = 5.0
+# With a supervisor's status file to watch, a relaunch is an event: the supervisor rewrites the file when it
+# launches the enclave and when the enclave passes its health bound, and nitro-cli is asked then (a new CID
+# shows at once); without a change, only this often, in case the supervisor itself is gone.
+_DESCRIBE_TTL_SUPERVISED = 30.0
 _MAX_BACKOFF = 60.0
 _HOLD_STEP_S = 0.1
 # A card-network test number (never a real card): what ?canary=1 tokenizes.
@@ -65,6 +69,7 @@ class EnclaveSession:
         self.client: AsyncClient = parent.async_client(config, self._current_cid)
         self.enclave: dict[str, Any] = {"state": None if config.enclave_name else "UNCHECKED"}
         self._described_at = 0.0
+        self._described_report: bytes | None = None  # the supervisor's status file then
         self.provision_error: dict[str, str] | None = None
         self.provision_failures = 0
         self._next_provision = 0.0
@@ -82,11 +87,25 @@ class EnclaveSession:
         return self.cid
 
     # ---------------------------------------------------------------- enclave state
-    async def refresh_enclave(self, force: bool = False, ttl: float = _DESCRIBE_TTL) -> None:
-        """Enclave state and CID from nitro-cli (cached for ``ttl`` s); a new CID means a restart."""
-        if not self.config.enclave_name or (not force and time.monotonic() - self._described_at < ttl):
+    def _describe_due(self, answering: bool, report: bytes | None) -> bool:
+        """Whether to ask nitro-cli again: every few seconds, or, while the app does not answer and the
+        supervisor reports, when its report changed (``report``: the status file now)."""
+        elapsed = time.monotonic() - self._described_at
+        if answering:
+            return elapsed >= _DESCRIBE_TTL
+        if report is None:
+            return elapsed >= _DESCRIBE_TTL_UNANSWERED
+        return report != self._described_report or elapsed >= _DESCRIBE_TTL_SUPERVISED
+
+    async def refresh_enclave(self, answering: bool = True) -> None:
+        """Enclave state and CID from nitro-cli, asked when due (``_describe_due``); a new CID means a restart."""
+        if not self.config.enclave_name:
+            return
+        report = status_identity(self.config.supervisor_status_file)
+        if not self._describe_due(answering, report):
             return
         self._described_at = time.monotonic()
+        self._described_report = report
         try:
             entry = await parent.describe_enclave(self.config.nitro_cli, self.config.enclave_name)
         except (OSError, RuntimeError) as exc:
@@ -166,10 +185,10 @@ class EnclaveSession:
         self._rotating = False
         return after or health
 
-    async def check(self, provision: bool = True, force_describe: bool = False) -> dict[str, Any]:
+    async def check(self, provision: bool = True) -> dict[str, Any]:
         cid = self.cid
         health, app_error = await self.app_health()
-        await self.refresh_enclave(force_describe, _DESCRIBE_TTL if health is not None else _DESCRIBE_TTL_UNANSWERED)
+        await self.refresh_enclave(answering=health is not None)
         if health is None and self.cid != cid:  # found under a new CID: ask it now
             health, app_error = await self.app_health()
         if health is not None and provision:
@@ -207,10 +226,11 @@ class EnclaveSession:
         while True:
             try:
                 # An enclave that answers holding its key needs nothing: no nitro-cli call (a process per
-                # poll on every host). Otherwise describe it (a restart may bring a new CID) and provision.
+                # poll on every host). Otherwise check it (describing it when due: a restart may bring a new
+                # CID) and provision it.
                 health, _ = await self.app_health()
                 if not (health and health.get("provisioned")) or self._rotation_due(health):
-                    await self.check(force_describe=True)
+                    await self.check()
             except Exception as exc:  # the monitor must outlive any single failure
                 log.error("monitor: %s", type(exc).__name__)
             await asyncio.sleep(self.config.monitor_interval)

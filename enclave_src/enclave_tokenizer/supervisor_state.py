@@ -132,6 +132,17 @@ class StatusFile:
         self._last = body
 
 
+def status_identity(status_path: Path | str | None) -> bytes | None:
+    """The status file's bytes (a few hundred), None when there is none: every report carries its time
+    (``updated``), so a reader tells a new report from the last one it saw by comparing these."""
+    if not status_path:
+        return None
+    try:
+        return Path(status_path).read_bytes()
+    except OSError:
+        return None
+
+
 def read_status(status_path: Path | str | None) -> dict[str, Any] | None:
     """The supervisor's report as a reader sees it: ``current`` is False when the report is about another
     configuration than the one on disk now (the supervisor has not applied it yet). None: no report."""

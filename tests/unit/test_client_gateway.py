@@ -671,37 +671,49 @@ def test_gateway_hands_over_after_a_tools_upgrade(
     assert len(execs) == 1
 
 
+class _RelaunchingEnclave:
+    """A fake enclave behind nitro-cli and vsock: describe shows it under ``cid``; it answers when its CID is in
+    ``answering``; ``describes`` holds the (fake) clock of each describe."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.clock = [1000.0]
+        self.cid = 16
+        self.answering: dict[int, dict[str, Any]] = {}
+        self.describes: list[float] = []
+        monkeypatch.setattr(gateway_module.time, "monotonic", lambda: self.clock[0])
+        monkeypatch.setattr(gateway_module.parent, "describe_enclave", self.describe)
+
+    async def describe(self, nitro_cli: str, name: str) -> dict[str, Any]:
+        self.describes.append(self.clock[0])
+        return {"State": "RUNNING", "EnclaveName": name, "EnclaveID": "enc", "EnclaveCID": self.cid}
+
+    def gateway(self, config: GatewayConfig) -> Gateway:
+        gw = gateway_module.Gateway(config)
+
+        async def app_health() -> tuple[dict[str, Any] | None, str | None]:
+            health = self.answering.get(gw.cid) if gw.cid is not None else None
+            return health, None if health else "not answering"
+
+        gw.app_health = app_health  # type: ignore[method-assign]
+        return gw
+
+
 def test_nitro_cli_is_asked_sparingly_while_the_enclave_does_not_answer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = _gateway_config(tmp_path, enclave_cid=None, enclave_name="tok")
-    clock = [1000.0]
-    monkeypatch.setattr(gateway_module.time, "monotonic", lambda: clock[0])
-    running_cid = [16]
-    answering: dict[int, dict[str, Any]] = {}
-    describes: list[str] = []
-
-    async def describe(nitro_cli: str, name: str) -> dict[str, Any]:
-        describes.append(name)
-        return {"State": "RUNNING", "EnclaveName": name, "EnclaveID": "enc", "EnclaveCID": running_cid[0]}
-
-    monkeypatch.setattr(gateway_module.parent, "describe_enclave", describe)
+    enclave = _RelaunchingEnclave(monkeypatch)
+    clock = enclave.clock
 
     async def main() -> list[dict[str, Any]]:
-        gw = gateway_module.Gateway(config)
-
-        async def app_health() -> tuple[dict[str, Any] | None, str | None]:
-            health = answering.get(gw.cid) if gw.cid is not None else None
-            return health, None if health else "not answering"
-
-        gw.app_health = app_health  # type: ignore[method-assign]
+        gw = enclave.gateway(config)
         reports = []
         for _ in range(12):  # 6 s of a ?wait loop (0.5 s steps) while the enclave boots
             reports.append(await gw.check())
             clock[0] += 0.5
         # It comes up under another CID: the next describe finds it, and the same check asks it.
-        running_cid[0] = 17
-        answering[17] = {"provisioned": True, "version": "1", "uptime_s": 1.0}
+        enclave.cid = 17
+        enclave.answering[17] = {"provisioned": True, "version": "1", "uptime_s": 1.0}
         up_at = clock[0]
         while (report := await gw.check())["status"] != "ok":
             reports.append(report)
@@ -711,9 +723,44 @@ def test_nitro_cli_is_asked_sparingly_while_the_enclave_does_not_answer(
         return reports
 
     reports = asyncio.run(main())
-    assert len(describes) == 3  # at 0 s and 5 s while booting (not every 2 s), then the one that finds CID 17
+    assert len(enclave.describes) == 3  # at 0 s and 5 s while booting (not every 2 s), then the one finding CID 17
     assert all(r["status"] == "unavailable" for r in reports[:-1])
     assert reports[-1]["enclave"]["cid"] == 17
+
+
+def test_a_supervised_relaunch_is_described_when_the_supervisor_reports_not_by_polling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    status_path = tmp_path / "enclave.run.status"
+    config = _gateway_config(
+        tmp_path, enclave_cid=None, enclave_name="tok", supervisor_status_file=str(status_path), monitor_interval=60
+    )
+    supervisor = StatusFile(status_path, tmp_path / "enclave.run")
+    supervisor.report("starting", "c0ffee", "relaunching: config_changed")
+    enclave = _RelaunchingEnclave(monkeypatch)
+    clock = enclave.clock
+
+    async def main() -> dict[str, Any]:
+        gw = enclave.gateway(config)
+        for _ in range(40):  # 20 s of a ?wait loop (0.5 s steps) while the new enclave boots
+            assert (await gw.check())["status"] == "unavailable"
+            clock[0] += 0.5
+        assert enclave.describes == [1000.0]  # the supervisor's report did not change: nitro-cli was not asked
+        clock[0] += 10.5  # no new report for 30 s (a supervisor that is gone): asked once more
+        await gw.check()
+        assert enclave.describes == [1000.0, 1030.5]
+        # The supervisor saw the new enclave pass its health bound (under another CID): the next check sees
+        # the new report, asks nitro-cli at once and asks the enclave under its new CID.
+        enclave.cid = 17
+        enclave.answering[17] = {"provisioned": True, "version": "1", "uptime_s": 1.0}
+        supervisor.report("running", "c0ffee", running="current")
+        clock[0] += 0.5
+        return await gw.check()
+
+    report = asyncio.run(main())
+    assert enclave.describes == [1000.0, 1030.5, 1031.0]
+    assert report["status"] == "ok" and report["enclave"]["cid"] == 17
+    assert report["supervisor"]["state"] == "running"
 
 
 def test_gateway_stop_request_wins_over_an_upgrade(
