@@ -10,7 +10,9 @@ watches the configuration file and the EIF (a stat per second, no nitro-cli call
 as soon as it has settled, not at the next check. While the enclave answers and nothing changed, a
 check is a vsock connect; nitro-cli is asked when the enclave process exits (at once, not at the next
 check), whenever something looks different, and every WATCHED_FULL_CHECK_EVERY checks as a fallback
-(FULL_CHECK_EVERY where the enclave process cannot be watched). Stopping the service terminates the enclave.
+(FULL_CHECK_EVERY where the enclave process cannot be watched). So is a check while an enclave it just
+launched boots (its process watched, within the startup grace): nitro-cli is asked again once it answers.
+Stopping the service terminates the enclave.
 
 The configuration is nitro-cli's `run-enclave --config` JSON, plus an optional `measurements` object
 (PCR0/PCR1/PCR2 as the build host recorded them; nitro-cli ignores unknown keys). With it, the
@@ -106,8 +108,9 @@ class Supervisor:
     _measured: dict[tuple[str, tuple[int, int, int] | None], dict[str, str]] = field(default_factory=dict)
     _eif_path: str | None = None
     _healthy_cid: int | None = None  # CID of the enclave the last full check found matching and answering
-    _seen_pid: object = None  # ProcessID of the enclave the last full check found
-    process: ProcessWatch = field(default_factory=ProcessWatch)  # that enclave's process, while healthy
+    _seen_pid: object = None  # ProcessID of the enclave the last full check found (or launched)
+    _starting_cid: int | None = None  # CID of the enclave the last full check launched, until it answers
+    process: ProcessWatch = field(default_factory=ProcessWatch)  # that enclave's process, healthy or booting
     _quick_checks: int = 0
     _checked_inputs: tuple[tuple[int, int, int] | None, ...] | None = None
     _held: tuple[tuple[int, int, int] | None, ...] | None = None  # inputs last found disagreeing (logged once)
@@ -163,16 +166,36 @@ class Supervisor:
         or waiting (the EIF is not the image the configuration expects)."""
         if self._quick_check():
             return "ok"
+        if self._still_starting():
+            return "starting"
         self._quick_checks = 0
         self._healthy_cid = None
         self._seen_pid = None
+        self._starting_cid = None
         result, cid = self._full_check()
         if result == "ok":
             self._healthy_cid = cid
             self.process.watch(self._seen_pid)
-        else:
+        elif self._starting_cid is None or not self.process.watch(self._seen_pid):
+            self._starting_cid = None
             self.process.close()
         return result
+
+    def _still_starting(self) -> bool:
+        """True while the enclave this supervisor just launched boots: within its startup grace, its process
+        alive (watched), nothing changed, not answering yet. No nitro-cli call then (a process per check on
+        every host of a rollout); once it answers, or any of that changes, a full check takes over."""
+        if self._starting_cid is None or self.health_port is None or not self.process.active:
+            return False
+        if self.process.exited() or self.inputs() != self._checked_inputs:
+            return False
+        if time.monotonic() - self._launched_at >= self.startup_grace:
+            return False
+        try:
+            vsock_connect(self._starting_cid, self.health_port, timeout=2.0).close()
+        except OSError:
+            return True
+        return False  # it answers: the full check confirms it is the configuration's and reports it running
 
     def _quick_check(self) -> bool:
         """True when the enclave the last full check found healthy still answers and nothing changed."""
@@ -346,6 +369,8 @@ class Supervisor:
             )
         self._failures = 0
         self._launched_at = time.monotonic()
+        if isinstance(record.get("EnclaveCID"), int):  # watched while it boots (see _still_starting)
+            self._starting_cid, self._seen_pid = record["EnclaveCID"], record.get("ProcessID")
         if self._seen_enclave:
             self.status.relaunched(why)
         self._seen_enclave = True

@@ -147,7 +147,8 @@ elif cmd == "run-enclave":
     memory = int(opt("--memory"))
     memory += memory % 2
     slot = state["next"]; state["next"] += 1
-    record = {"EnclaveName": name, "EnclaveID": f"i-0000000000000000-enc{slot:x}", "ProcessID": 1000 + slot,
+    pid = int(os.environ.get("FAKE_NITRO_PID", 1000 + slot))  # a test's stand-in enclave process, if any
+    record = {"EnclaveName": name, "EnclaveID": f"i-0000000000000000-enc{slot:x}", "ProcessID": pid,
               "EnclaveCID": int(opt("--enclave-cid", 16 + slot)), "NumberOfCPUs": len(ids), "CPUIDs": ids,
               "MemoryMiB": memory}
     print(json.dumps(record, indent=2))

@@ -256,6 +256,45 @@ def test_the_enclave_process_is_watched_instead_of_asking_nitro_cli(
         app.stop()
 
 
+def test_a_booting_enclave_is_waited_for_without_asking_nitro_cli(
+    host: FakeHost, eif: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    process = enclave_process_stand_in()
+    monkeypatch.setenv("FAKE_NITRO_PID", str(process.pid))  # run-enclave's ProcessID: a live enclave process
+    config = write_config(tmp_path / "tok.json", eif)
+    sup = Supervisor(config_path=config, health_port=5000, startup_grace=60, cli=NitroCli())
+    app = None
+    try:
+        assert sup.check() == "launched"
+        describes = host.subcommands().count("describe-enclaves")
+        # It boots (its process lives, its port does not answer yet): checks knock on the port only.
+        assert [sup.check() for _ in range(5)] == ["starting"] * 5
+        assert host.subcommands().count("describe-enclaves") == describes
+        # It answers: one full check confirms it is the configuration's enclave; then it is watched as healthy.
+        app = answering(AppPort(tmp_path))
+        assert sup.check() == "ok"
+        assert host.subcommands().count("describe-enclaves") == describes + 1
+        assert sup.process.pid == process.pid
+        # A configuration changed while an enclave boots is a full check at once: relaunched, booting again.
+        write_config(config, eif, memory_mib=256)
+        app.stop()
+        app = None
+        assert sup.check() == "relaunched"
+        describes = host.subcommands().count("describe-enclaves")
+        assert sup.check() == "starting"
+        assert host.subcommands().count("describe-enclaves") == describes
+        # Its process exits while it boots: the next check asks nitro-cli (the enclave is gone or failing).
+        process.kill()
+        process.wait()
+        sup.check()
+        assert host.subcommands().count("describe-enclaves") == describes + 1
+    finally:
+        process.kill()
+        process.wait()
+        if app is not None:
+            app.stop()
+
+
 def test_a_pid_that_is_not_an_enclave_process_is_not_watched(host: FakeHost, eif: Path, tmp_path: Path) -> None:
     app = answering(AppPort(tmp_path))
     sup = supervisor(write_config(tmp_path / "tok.json", eif), health_port=5000)
