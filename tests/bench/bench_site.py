@@ -64,7 +64,9 @@ def run_site() -> tuple[float, str]:
     result = subprocess.run(PLAYBOOK, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
-        print(result.stdout[-4000:], result.stderr[-2000:], sep="\n")
+        # The failed task first (the recap of every task's time would fill the tail), then the tail.
+        failed_at = max(result.stdout.find("fatal: ["), 0)
+        print(result.stdout[failed_at : failed_at + 3000], result.stdout[-1500:], result.stderr[-2000:], sep="\n")
         raise SystemExit(f"site.yml failed with exit code {result.returncode}")
     return elapsed, result.stdout
 
