@@ -191,11 +191,8 @@ class Supervisor:
             return False
         if time.monotonic() - self._launched_at >= self.startup_grace:
             return False
-        try:
-            vsock_connect(self._starting_cid, self.health_port, timeout=2.0).close()
-        except OSError:
-            return True
-        return False  # it answers: the full check confirms it is the configuration's and reports it running
+        # Once it answers, the full check confirms it is the configuration's enclave and reports it running.
+        return not self._answers(self._starting_cid)
 
     def _quick_check(self) -> bool:
         """True when the enclave the last full check found healthy still answers and nothing changed."""
@@ -204,11 +201,19 @@ class Supervisor:
             return False
         if self.inputs() != self._checked_inputs or self.process.exited():
             return False
-        try:
-            vsock_connect(self._healthy_cid, self.health_port, timeout=2.0).close()
-        except OSError:
+        if not self._answers(self._healthy_cid):
             return False
         self._quick_checks += 1
+        return True
+
+    def _answers(self, cid: int) -> bool:
+        """Whether the enclave app at ``cid`` accepts a connection on the health port."""
+        if self.health_port is None:
+            return False
+        try:
+            vsock_connect(cid, self.health_port, timeout=2.0).close()
+        except OSError:
+            return False
         return True
 
     def _full_check(self) -> tuple[str, int | None]:
