@@ -18,7 +18,7 @@ from typing import Any
 from . import parent
 from .client import AsyncClient, TokenizerError
 from .parent import ConfigError, GatewayConfig
-from .supervisor_state import read_status, status_identity
+from .supervisor_state import parse_status, read_status_bytes
 
 log = logging.getLogger("enclave_tokenizer.gateway")
 
@@ -97,11 +97,11 @@ class EnclaveSession:
             return elapsed >= _DESCRIBE_TTL_UNANSWERED
         return report != self._described_report or elapsed >= _DESCRIBE_TTL_SUPERVISED
 
-    async def refresh_enclave(self, answering: bool = True) -> None:
-        """Enclave state and CID from nitro-cli, asked when due (``_describe_due``); a new CID means a restart."""
+    async def refresh_enclave(self, answering: bool, report: bytes | None) -> None:
+        """Enclave state and CID from nitro-cli, asked when due (``_describe_due``; ``report``: the supervisor's
+        status file as read for this check); a new CID means a restart."""
         if not self.config.enclave_name:
             return
-        report = status_identity(self.config.supervisor_status_file)
         if not self._describe_due(answering, report):
             return
         self._described_at = time.monotonic()
@@ -188,7 +188,9 @@ class EnclaveSession:
     async def check(self, provision: bool = True) -> dict[str, Any]:
         cid = self.cid
         health, app_error = await self.app_health()
-        await self.refresh_enclave(answering=health is not None)
+        # One read of the supervisor's report per check: the describe decision and the reported state agree.
+        report = read_status_bytes(self.config.supervisor_status_file)
+        await self.refresh_enclave(answering=health is not None, report=report)
         if health is None and self.cid != cid:  # found under a new CID: ask it now
             health, app_error = await self.app_health()
         if health is not None and provision:
@@ -198,7 +200,7 @@ class EnclaveSession:
         key_error = (health or {}).get("last_provision_error") or self.provision_error
         if not provisioned and key_error is None and not self.config.provisioning_configured:
             key_error = {"code": "config_error", "message": "kms_region/kms_ciphertext_file not configured"}
-        supervisor = read_status(self.config.supervisor_status_file)
+        supervisor = parse_status(report)
         status = "ok" if running and health is not None and provisioned else "unavailable"
         if status == "ok" and supervisor and supervisor["current"] and supervisor["state"] == "fallback":
             status = "degraded"  # serving, but not the configuration on disk: the supervisor says why

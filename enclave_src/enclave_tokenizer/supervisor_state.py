@@ -132,9 +132,10 @@ class StatusFile:
         self._last = body
 
 
-def status_identity(status_path: Path | str | None) -> bytes | None:
-    """The status file's bytes (a few hundred), None when there is none: every report carries its time
-    (``updated``), so a reader tells a new report from the last one it saw by comparing these."""
+def read_status_bytes(status_path: Path | str | None) -> bytes | None:
+    """The status file's bytes (a few hundred), None when there is none. Every report carries its time
+    (``updated``), so a reader tells a new report from the last one it saw by comparing these; and
+    ``parse_status`` of the same bytes gives the report that was compared."""
     if not status_path:
         return None
     try:
@@ -143,14 +144,14 @@ def status_identity(status_path: Path | str | None) -> bytes | None:
         return None
 
 
-def read_status(status_path: Path | str | None) -> dict[str, Any] | None:
+def parse_status(raw: bytes | None) -> dict[str, Any] | None:
     """The supervisor's report as a reader sees it: ``current`` is False when the report is about another
     configuration than the one on disk now (the supervisor has not applied it yet). None: no report."""
-    if not status_path:
+    if raw is None:
         return None
     try:
-        status = json.loads(Path(status_path).read_text())
-    except (OSError, ValueError):
+        status = json.loads(raw)
+    except ValueError:
         return None
     if not isinstance(status, dict) or status.get("state") not in STATES:
         return None
@@ -166,6 +167,11 @@ def read_status(status_path: Path | str | None) -> dict[str, Any] | None:
         "relaunches": status.get("relaunches") if isinstance(status.get("relaunches"), int) else 0,
         "last_relaunch": status.get("last_relaunch") if isinstance(status.get("last_relaunch"), dict) else None,
     }
+
+
+def read_status(status_path: Path | str | None) -> dict[str, Any] | None:
+    """The supervisor's report in ``status_path`` now (``parse_status``); None: no report."""
+    return parse_status(read_status_bytes(status_path))
 
 
 def wait_settled(status_path: Path, config_path: Path, timeout: float, step: float = 1.0) -> tuple[bool, str]:

@@ -1,16 +1,20 @@
 #!/usr/bin/python
-"""Ansible module host_files: directories and small text files in one run (logic in plugins/module_utils/host_files.py)."""
+"""Ansible module host_files: directories and files in one run (logic in plugins/module_utils/host_files.py; the
+controller side of O(files[].src) in plugins/action/host_files.py)."""
 
 from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
 module: host_files
-short_description: Directories and small text files on a host, several in one module run
+short_description: Directories and files on a host, several in one module run
 description:
-  - Ensures directories exist and text files hold the given content, each with its owner, group and mode, in one
-    module run. A role that wrote a configuration directory and two templates with M(ansible.builtin.file) and
-    M(ansible.builtin.template) started five module runs (a template is a C(stat) and then a C(file) or C(copy)).
+  - Ensures directories exist and files hold the given content or a copy of a controller file, each with its
+    owner, group and mode, in one module run. A role that wrote a configuration directory and two templates with
+    M(ansible.builtin.file) and M(ansible.builtin.template) started five module runs (a template is a C(stat) and
+    then a C(file) or C(copy)); an unchanged file from M(ansible.builtin.copy) into a directory is three.
+  - A controller file (O(files[].src)) is compared by its SHA-1 first and sent only when it differs, then checked
+    again on the host before it replaces the old one; unchanged, it costs no transfer and no second module run.
   - Directories are handled first, so files may go into them. A file is written atomically (a temporary file beside
     it, renamed over it) only when its content differs; owner, group and mode are set when they differ.
   - Content is given as text, for example from P(ansible.builtin.template#lookup).
@@ -50,9 +54,15 @@ options:
         type: path
         required: true
       content:
-        description: The file's whole content.
+        description:
+          - The file's whole content, as text. Exactly one of O(files[].content) and O(files[].src).
         type: str
-        required: true
+      src:
+        description:
+          - A file on the controller to copy, of any size and content (an EIF, an archive), found like
+            M(ansible.builtin.copy) finds its C(src) (a role's C(files/) directory, or an absolute path).
+          - Exactly one of O(files[].content) and O(files[].src).
+        type: path
       owner:
         description: Owner (name or uid); unset - left as it is.
         type: str
@@ -67,8 +77,8 @@ options:
         type: bool
         default: false
 notes:
-  - Check mode reports what would change and writes nothing. Diff mode shows each changed file's text (up to 100 KiB)
-    and each changed owner, group or mode.
+  - Check mode reports what would change and writes nothing (and sends nothing). Diff mode shows each changed
+    file's text (up to 100 KiB), a copied file's SHA-1 before and after, and each changed owner, group or mode.
   - Content is shown in diff mode like M(ansible.builtin.template) shows it; do not put secrets in such files'
     content with O(files[].content) unless the task has C(no_log) and diff mode is off.
 seealso:
@@ -76,6 +86,12 @@ seealso:
   - module: ansible.builtin.copy
   - module: ansible.builtin.file
 attributes:
+  action:
+    support: full
+  async:
+    support: none
+  bypass_host_loop:
+    support: none
   check_mode:
     support: full
   diff_mode:
@@ -84,6 +100,7 @@ attributes:
     platforms: posix
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.flow
 """
 
 EXAMPLES = r"""
@@ -108,6 +125,12 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+transfers:
+  description: The files sent from the controller in this run (O(files[].src) that differed).
+  returned: always
+  type: list
+  elements: str
+  sample: [/opt/nitro-enclaves/tokenizer.eif]
 changed_paths:
   description: The directories and files created or changed (or that would be, in check mode), in the order handled.
   returned: always
@@ -142,14 +165,26 @@ def main() -> None:
                 default=[],
                 options=dict(
                     path=dict(type="path", required=True),
-                    content=dict(type="str", required=True),
+                    content=dict(type="str"),
+                    # Read on the controller by the action plugin, which sends _checksum (and _staged) instead.
+                    src=dict(type="path"),
                     backup=dict(type="bool", default=False),
+                    # Set by the action plugin for a controller file (src): its SHA-1 and, once sent, the copy.
+                    _checksum=dict(type="str"),
+                    _staged=dict(type="path"),
                     **ATTRIBUTES,
                 ),
+                required_one_of=[("content", "src")],
+                mutually_exclusive=[("content", "src")],
             ),
         ),
         supports_check_mode=True,
     )
+    unsent = [entry["path"] for entry in module.params["files"] if entry.get("src") and not entry.get("_checksum")]
+    if unsent:
+        module.fail_json(
+            msg=f"files[].src of {unsent} is read on the controller by the action plugin host_files, which did not run"
+        )
     module.exit_json(**ensure_all(module, module.params["directories"], module.params["files"]))
 
 

@@ -41,7 +41,7 @@ options:
         again. V(absent) terminates every enclave with that name.
       - V(configured) writes the run configuration to O(config_path) (atomically, with check and diff mode). The EIF
         is not read, only its size checked against O(memory_mib); the only nitro-cli call is C(describe-enclaves),
-        when an allocator pool is applied, to count what other enclaves hold.
+        when an allocator pool is applied and the configuration changes, to count what other enclaves hold.
     type: str
     choices: [running, absent, restarted, configured]
     default: running
@@ -399,7 +399,7 @@ def read_before(module: AnsibleModule, path: str) -> str | None:
 
 def configure(module: AnsibleModule) -> None:
     """state=configured: write the run configuration atomically (check/diff mode, backup); no nitro-cli
-    except describe-enclaves for the pool check."""
+    except describe-enclaves for the pool check of a changed configuration."""
     params = module.params
     path = params["config_path"]
     try:
@@ -412,9 +412,12 @@ def configure(module: AnsibleModule) -> None:
             check_signer(module, read_eif(params["eif_path"]))
         except EifError as exc:
             module.fail_json(msg=f"eif_path {params['eif_path']}: {exc}")
-    check_pool(module, None)
     text = render_run_config(params, expected_measurements(module))
     before = read_before(module, path)
+    if before != text:
+        # Only a configuration that replaces another needs the pool check (a describe-enclaves process):
+        # an unchanged one is what the supervisor already runs with.
+        check_pool(module, None)
     result: dict[str, Any] = {"changed": before != text, "config": json.loads(text), "path": path}
     if result["changed"] and module._diff:
         result["diff"] = diff_result(before, text, path)

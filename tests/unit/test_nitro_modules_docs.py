@@ -34,6 +34,8 @@ def captured_spec(name: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 def normalized(options: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, spec in options.items():
+        if name.startswith("_"):
+            continue  # hidden: set by the module's action plugin, never by tasks (host_files' _checksum)
         entry = {key: spec.get(key) for key in KEYS if spec.get(key) not in (None, False, [])}
         entry.setdefault("type", "str")
         if "options" in spec or "suboptions" in spec:

@@ -546,6 +546,20 @@ def test_other_enclaves_hold_part_of_the_pool(
     assert run(capsys, **args, enclave_cid=17)["changed"] is True  # 2 free CPUs, 128 of 128 MiB free
 
 
+def test_an_unchanged_configuration_asks_nitro_cli_nothing(
+    capsys: pytest.CaptureFixture[str], host: FakeHost, eif: Path, tmp_path: Path
+) -> None:
+    _pool(host, [1, 5], 512)
+    args = base(eif, state="configured", config_path=str(tmp_path / "tok.json"))
+    assert run(capsys, **args)["changed"] is True
+    assert host.subcommands().count("describe-enclaves") == 1  # the pool check of the new configuration
+    again = run(capsys, **args)
+    assert again["changed"] is False and again["path"] == str(tmp_path / "tok.json")
+    assert host.subcommands().count("describe-enclaves") == 1  # an idempotent run: no nitro-cli process
+    changed = run(capsys, **{**args, "memory_mib": 512})
+    assert changed["changed"] is True and host.subcommands().count("describe-enclaves") == 2
+
+
 def test_running_enclave_is_not_terminated_for_a_change_that_cannot_fit(
     capsys: pytest.CaptureFixture[str], host: FakeHost, eif: Path
 ) -> None:
