@@ -210,6 +210,9 @@ async def serve(
     watcher = asyncio.get_running_loop().create_task(_watch_upgrade(upgrade, stop, upgraded)) if upgrade else None
     try:
         await stop.wait()
+        # aiohttp then waits for the requests in flight (at most its shutdown timeout): say how many connections.
+        connections = len(runner.server.connections) if runner.server is not None else 0
+        log.info("gateway stopping: %d connection(s) open", connections)
     finally:
         if watcher is not None:
             watcher.cancel()

@@ -134,7 +134,13 @@ class Parent:
         gateway = next((p for p in self.host.procs if "gateway" in p.args), None)
         if gateway is not None:
             gateway.terminate()
-            gateway.wait(20)
+            try:
+                gateway.wait(20)
+            except subprocess.TimeoutExpired:
+                # Seen once in CI (2026-12-03): keep what the gateway said for whoever reads the failure.
+                gateway.kill()
+                tail = (self.host.root / "gateway.log").read_text(errors="replace")[-4000:]
+                raise AssertionError(f"the gateway did not stop 20 s after SIGTERM; its log ends:\n{tail}") from None
             self.host.procs.remove(gateway)
         (self.host.root / "gateway.yaml").write_text(json.dumps(self.gateway_config))
         proc = self.host.spawn("gateway", [str(VENV_BIN / "enclave-tokenizer"), "gateway", "--config",
