@@ -97,10 +97,12 @@ def ensure_copied(module: Any, entry: Mapping[str, Any]) -> tuple[bool, list[dic
     before = _sha1(module, path)
     written = before != checksum
     diff = diff_result({"path": path, "sha1": before or "absent"}, {"path": path, "sha1": checksum}, path)
+    backup = None
     if written and not module.check_mode:
         if not staged:
             return False, [], None, True
-        backup = module.backup_local(path) if entry.get("backup") and before is not None else None
+        if entry.get("backup") and before is not None:
+            backup = module.backup_local(path)
         with atomic_path(os.path.abspath(path), 0o600, move=module.atomic_move) as tmp:
             shutil.copyfile(staged, tmp)
             received = module.sha1(tmp)
@@ -108,8 +110,6 @@ def ensure_copied(module: Any, entry: Mapping[str, Any]) -> tuple[bool, list[dic
                 module.fail_json(
                     msg=f"{path}: the copy received has SHA-1 {received}, the controller's file {checksum}"
                 )
-    else:
-        backup = None
     changed, diffs = _settle(module, entry, written, before is not None, diff)
     return changed, diffs, backup, False
 
