@@ -78,7 +78,9 @@ class EnclaveSession:
         # The key check this gateway last saw: a change it did not ask for (no rotation) is reported.
         self.key_check: str | None = None
         self.unexpected_key_change: dict[str, str] | None = None
-        self._rotating = False
+        # Provisioning attempts finished so far: a check whose health predates one re-reads it (a stale key
+        # check would look like an unexpected change, a stale "unprovisioned" would provision twice).
+        self._provision_attempts = 0
         self._recovery: asyncio.Future[dict[str, Any]] | None = None  # the check held requests share
 
     def _current_cid(self) -> int:
@@ -139,13 +141,14 @@ class EnclaveSession:
             return False
         return record["generation"] > (health.get("key_generation") or 0)
 
-    def _watch_key(self, health: dict[str, Any] | None) -> None:
-        """Log loudly when the enclave's key changes without a rotation this gateway asked for."""
+    def _watch_key(self, health: dict[str, Any] | None, rotated: bool) -> None:
+        """Log loudly when the enclave's key changes without a rotation this gateway asked for
+        (``rotated``: this gateway has just provisioned a newer generation)."""
         key_check = (health or {}).get("key_check")
         if not key_check:
             return
         known = self.key_check
-        if known is not None and key_check != known and not self._rotating:
+        if known is not None and key_check != known and not rotated:
             self.unexpected_key_change = {"old_key_check": known, "new_key_check": key_check}
             event = {"event": "key_change", "expected": False, **self.unexpected_key_change}
             log.error("unexpected data key change in the enclave: key check %s -> %s", known, key_check, extra=event)
@@ -154,18 +157,26 @@ class EnclaveSession:
             log.warning("data key rotated in the enclave: key check %s -> %s", known, key_check, extra=event)
         self.key_check = key_check
 
-    async def ensure_provisioned(self, health: dict[str, Any]) -> dict[str, Any]:
+    async def ensure_provisioned(self, health: dict[str, Any], attempts_seen: int) -> dict[str, Any] | None:
         """Provision an answering but unprovisioned enclave (backoff after failures, except for a fresh
-        enclave that has never been asked), or one whose key an explicit rotation replaced. Returns the
-        health after the attempt."""
-        self._watch_key(health)
-        self._rotating = self._rotation_due(health)
-        if (health.get("provisioned") and not self._rotating) or not self.config.provisioning_configured:
-            return health
-        fresh = health.get("provision_attempts") == 0
-        if not fresh and time.monotonic() < self._next_provision:
-            return health
+        enclave that has never been asked), or one whose key an explicit rotation replaced. ``health`` was
+        read when ``attempts_seen`` provisioning attempts had been made. Returns the health after the attempt
+        (None: the enclave stopped answering)."""
+        # One check at a time: concurrent checks (monitor, /healthz, a held request) would otherwise each
+        # provision, and judge the key against what another one is changing.
         async with self._provision_lock:
+            if attempts_seen != self._provision_attempts:
+                fresh_health, _ = await self.app_health()
+                if fresh_health is None:
+                    return None
+                health = fresh_health
+            self._watch_key(health, rotated=False)
+            rotation = self._rotation_due(health)
+            if (health.get("provisioned") and not rotation) or not self.config.provisioning_configured:
+                return health
+            fresh = health.get("provision_attempts") == 0
+            if not fresh and time.monotonic() < self._next_provision:
+                return health
             try:
                 request = parent.provision_request(self.config)
                 result = await self.client.provision(request)
@@ -180,13 +191,15 @@ class EnclaveSession:
                 log.info("enclave provisioned (key check %s)", result.get("key_check"))
                 self.provision_error = None
                 self.provision_failures = 0
-        after, _ = await self.app_health()
-        self._watch_key(after)
-        self._rotating = False
-        return after or health
+            finally:
+                self._provision_attempts += 1
+            after, _ = await self.app_health()
+            self._watch_key(after, rotated=rotation)
+            return after or health
 
     async def check(self, provision: bool = True) -> dict[str, Any]:
         cid = self.cid
+        attempts_seen = self._provision_attempts
         health, app_error = await self.app_health()
         # One read of the supervisor's report per check: the describe decision and the reported state agree.
         report = read_status_bytes(self.config.supervisor_status_file)
@@ -194,7 +207,9 @@ class EnclaveSession:
         if health is None and self.cid != cid:  # found under a new CID: ask it now
             health, app_error = await self.app_health()
         if health is not None and provision:
-            health = await self.ensure_provisioned(health)
+            health = await self.ensure_provisioned(health, attempts_seen)
+            if health is None:
+                app_error = "the enclave stopped answering during the check"
         running = self.enclave.get("state") in ("RUNNING", "UNCHECKED")
         provisioned = bool(health and health.get("provisioned"))
         key_error = (health or {}).get("last_provision_error") or self.provision_error

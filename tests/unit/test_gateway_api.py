@@ -244,11 +244,9 @@ def test_key_changes_are_logged_as_events_with_old_and_new_key_checks(
 ) -> None:
     gw = Gateway(_gateway_config(tmp_path))
     with caplog.at_level(logging.WARNING, logger="enclave_tokenizer.gateway"):
-        gw._watch_key({"key_check": "aa11"})  # first sight: no event
-        gw._rotating = True  # a rotation this gateway provisioned
-        gw._watch_key({"key_check": "bb22"})
-        gw._rotating = False
-        gw._watch_key({"key_check": "cc33"})  # nobody asked for this one
+        gw._watch_key({"key_check": "aa11"}, rotated=False)  # first sight: no event
+        gw._watch_key({"key_check": "bb22"}, rotated=True)  # a rotation this gateway provisioned
+        gw._watch_key({"key_check": "cc33"}, rotated=False)  # nobody asked for this one
     # The gateway's records only: a pending task of an earlier test may be collected (asyncio logs it) meanwhile.
     records = [r for r in caplog.records if r.name == "enclave_tokenizer.gateway"]
     events = [(r.levelname, r.expected, r.old_key_check, r.new_key_check) for r in records if r.event == "key_change"]

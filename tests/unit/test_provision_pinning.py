@@ -8,10 +8,11 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import logging
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -288,9 +289,9 @@ def _record(key_arn: str, *entries: dict[str, Any]) -> str:
     )
 
 
-def test_gateway_applies_a_rotation_and_notices_an_unexpected_key(
-    vsock_dir: Path, tmp_path: Path, local_kms: str, nsm: Path, proxy: int, aws_creds: None
-) -> None:
+def _fleet_gateway(tmp_path: Path, local_kms: str, proxy: int) -> tuple[Any, Callable[[], None]]:
+    """A gateway configuration whose delivered data key record holds generation 1 of a fleet key, and the
+    rotation kms_enclave_data_key rotate=true would deliver (generation 2, generation 1 kept as previous)."""
     fleet_key = _key(local_kms)
     gen1 = _request(local_kms, fleet_key, proxy, generation=1)
     gen2 = _request(local_kms, fleet_key, proxy, generation=2)
@@ -299,12 +300,23 @@ def test_gateway_applies_a_rotation_and_notices_an_unexpected_key(
     config = _gateway_config(
         tmp_path, kms_region="us-east-1", kms_ciphertext_file=str(record), kms_endpoint=local_kms, kms_proxy_port=proxy
     )
+
+    def deliver_rotation() -> None:
+        record.write_text(_record(fleet_key, gen2, gen1) + "\n")
+
+    return config, deliver_rotation
+
+
+def test_gateway_applies_a_rotation_and_notices_an_unexpected_key(
+    vsock_dir: Path, tmp_path: Path, local_kms: str, nsm: Path, proxy: int, aws_creds: None
+) -> None:
+    config, deliver_rotation = _fleet_gateway(tmp_path, local_kms, proxy)
     with running_server(vsock_dir, proxy_port=proxy), GatewayThread(config) as gw:
         first = gw.wait_health(200)["key"]
         assert first["generation"] == 1 and first["unexpected_change"] is None
         token = gw.request("POST", "/v1/tokenize", {"pan": PAN})[1]["token"]
         # kms_enclave_data_key rotate=true delivered a new record: the gateway provisions it, no restart.
-        record.write_text(_record(fleet_key, gen2, gen1) + "\n")
+        deliver_rotation()
         deadline = time.monotonic() + 30
         while (key := gw.request("GET", "/healthz")[1]["key"])["generation"] != 2:
             assert time.monotonic() < deadline, key
@@ -316,11 +328,45 @@ def test_gateway_applies_a_rotation_and_notices_an_unexpected_key(
     with GatewayThread(config) as gw:
         with running_server(vsock_dir, proxy_port=proxy):
             known = gw.wait_health(200)["key"]["key_check"]
-        with running_server(vsock_dir, proxy_port=proxy) as intruded:
-            intruded.provision_directly(FAKE_KEY)
-            time.sleep(0.2)
+        # Holding the intruder's key before it listens: a gateway check racing the start cannot provision it first.
+        with running_server(vsock_dir, proxy_port=proxy, provisioned_with=FAKE_KEY):
             report = gw.request("GET", "/healthz")[1]
             change = report["key"]["unexpected_change"]
             assert change == {"old_key_check": known, "new_key_check": Tokenizer.from_data_key(FAKE_KEY).key_check}
             # The intruder's key is of generation 0: the gateway put the fleet's newer key back.
             assert report["key"]["key_check"] == known
+
+
+def test_concurrent_checks_provision_once_and_see_the_rotation_as_expected(
+    vsock_dir: Path,
+    tmp_path: Path,
+    local_kms: str,
+    nsm: Path,
+    proxy: int,
+    aws_creds: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from enclave_tokenizer.gateway_session import EnclaveSession
+
+    config, deliver_rotation = _fleet_gateway(tmp_path, local_kms, proxy)
+
+    def provisions() -> list[str]:
+        # The gateway's successful provision calls (the server logs only a change of key).
+        return [r.getMessage() for r in caplog.records if r.msg.startswith("enclave provisioned")]
+
+    async def scenario() -> None:
+        session = EnclaveSession(config, monitor=False)
+        # The monitor, /healthz and a held request can all check at once.
+        reports = await asyncio.gather(*(session.check() for _ in range(4)))
+        assert [r["key"]["generation"] for r in reports] == [1, 1, 1, 1]
+        assert len(provisions()) == 1, provisions()  # one KMS Decrypt, not one per check
+        deliver_rotation()
+        reports = await asyncio.gather(*(session.check() for _ in range(4)))
+        assert [r["key"]["generation"] for r in reports] == [2, 2, 2, 2]
+        assert len(provisions()) == 2, provisions()
+        assert [r["key"]["unexpected_change"] for r in reports] == [None] * 4, reports
+
+    with running_server(vsock_dir, proxy_port=proxy), caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+    unexpected = [r for r in caplog.records if getattr(r, "event", None) == "key_change" and r.levelname == "ERROR"]
+    assert not unexpected, unexpected

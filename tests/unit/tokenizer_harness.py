@@ -35,15 +35,9 @@ class RunningServer:
 
     def provision_directly(self, key: bytes = TEST_KEY, capability: str | None = CAPABILITY) -> None:
         """Install a data key as a successful `provision` would (the KMS path is tested separately)."""
-
-        def install() -> None:
-            state = self.server.service.key
-            state.tokenizer = Tokenizer.from_data_key(key)
-            state.capability_sha256 = capability_digest(capability) if capability else None
-
         # Done on the loop and waited for: a loaded machine would otherwise let the next request see
         # the server before the key is in (tests assert on what the enclave holds right after this).
-        self.on_loop(install)
+        self.on_loop(lambda: _install_key(self.server, key, capability))
 
     def unprovision(self) -> None:
         def clear() -> None:
@@ -71,12 +65,23 @@ class RunningServer:
         return self.on_loop(lambda: (server.input_held, server.output_held, len(server.connections)))
 
 
+def _install_key(server: TokenizerServer, key: bytes, capability: str | None) -> None:
+    state = server.service.key
+    state.tokenizer = Tokenizer.from_data_key(key)
+    state.capability_sha256 = capability_digest(capability) if capability else None
+
+
 @contextmanager
-def running_server(vsock_dir: Path, cid: int = ENCLAVE_CID, **config: Any) -> Iterator[RunningServer]:
-    """Start the real server listening on $NITRO_VSOCK_DIR/<cid>/<port> (caller sets NITRO_VSOCK_DIR)."""
+def running_server(
+    vsock_dir: Path, cid: int = ENCLAVE_CID, provisioned_with: bytes | None = None, **config: Any
+) -> Iterator[RunningServer]:
+    """Start the real server listening on $NITRO_VSOCK_DIR/<cid>/<port> (caller sets NITRO_VSOCK_DIR);
+    ``provisioned_with``: a data key it holds before it listens (no client can provision it first)."""
     (vsock_dir / str(cid)).mkdir(parents=True, exist_ok=True)
     loop = asyncio.new_event_loop()
     server = TokenizerServer(ServerConfig(**{"port": 5000, "cid": cid, **config}))
+    if provisioned_with is not None:
+        _install_key(server, provisioned_with, CAPABILITY)
     started = threading.Event()
     failure: list[BaseException] = []
 
