@@ -15,6 +15,8 @@ This module holds the routes and the service's lifecycle; the pieces live beside
 checks), gateway_http (JSON errors at every HTTP layer), gateway_workers (extra processes on the port).
 Requests are multiplexed over a pool of persistent vsock connections. Request bodies are never logged.
 When the tools are upgraded the gateway finishes its requests and re-executes itself (see .upgrade).
+A stopping gateway answers at once the requests held for a relaunching enclave and the /healthz waits
+(503; clients send them again), and gives the others _SHUTDOWN_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ _HEALTH_WAIT_STEP_S = 0.5
 # Errors of an enclave that is relaunching or not yet re-provisioned: requests wait (hold_timeout) for it.
 _HELD_CODES = ("enclave_unavailable", "not_provisioned")
 _UPGRADE_CHECK_S = 5.0
+# How long a stopping gateway waits for requests in flight (aiohttp's default is 60 s): held requests and
+# /healthz waits end when it stops, an enclave round trip takes milliseconds, and systemd kills at 90 s.
+_SHUTDOWN_TIMEOUT_S = 10.0
 # Answers as the enclave encodes them (compact, ASCII): a batch's result passes through unchanged.
 _encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 
@@ -127,7 +132,7 @@ class Gateway(EnclaveSession):
         deadline = time.monotonic() + wait
         while True:
             report = await self.check(provision=True)
-            last = time.monotonic() >= deadline
+            last = time.monotonic() >= deadline or self.stopping.is_set()
             # An enclave that is not healthy yet cannot attest either: no attestation round trip (signing
             # and verifying a document) until it is, or until the answer is due.
             if attest and (report["status"] == "ok" or last):
@@ -143,7 +148,7 @@ class Gateway(EnclaveSession):
             if report["status"] == "ok" or last or rejected:
                 report["reason"] = health_reason(report)
                 return web.json_response(report, status=200 if report["status"] in ("ok", "degraded") else 503)
-            await asyncio.sleep(min(_HEALTH_WAIT_STEP_S, max(deadline - time.monotonic(), 0.0)))
+            await self.stopped_within(min(_HEALTH_WAIT_STEP_S, max(deadline - time.monotonic(), 0.0)))
 
     # ---------------------------------------------------------------- lifecycle
     def app(self) -> web.Application:
@@ -154,6 +159,7 @@ class Gateway(EnclaveSession):
         app.router.add_post("/v1/detokenize", self.handle_detokenize)
         app.router.add_get("/healthz", self.handle_health)
         app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)  # before aiohttp waits for the requests in flight
         app.on_cleanup.append(self._on_cleanup)
         if self.metrics is not None:
             self.metrics.install(app)  # GET /metrics, a middleware and the enclave client's timing
@@ -161,6 +167,9 @@ class Gateway(EnclaveSession):
 
     async def _on_startup(self, app: web.Application) -> None:
         self.start_monitor()
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self.stopping.set()
 
     async def _on_cleanup(self, app: web.Application) -> None:
         await self.coalescer.close()
@@ -191,7 +200,8 @@ async def serve(
     also stop (after the in-flight requests) once the tools were upgraded: returns True then. ``worker``:
     this process's index among ``config.workers`` sharing the port (only worker 0 monitors the enclave),
     ``store`` the metrics they share (made before the fork)."""
-    runner = Runner(Gateway(config, monitor=worker == 0, store=store, worker=worker).app(), access_log=None)
+    gateway = Gateway(config, monitor=worker == 0, store=store, worker=worker)
+    runner = Runner(gateway.app(), access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     reuse = config.workers > 1 or None  # several processes bind the port; the kernel spreads connections
     site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024, reuse_port=reuse)

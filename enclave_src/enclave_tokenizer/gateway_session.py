@@ -82,6 +82,8 @@ class EnclaveSession:
         # check would look like an unexpected change, a stale "unprovisioned" would provision twice).
         self._provision_attempts = 0
         self._recovery: asyncio.Future[dict[str, Any]] | None = None  # the check held requests share
+        # Set when the gateway stops: waits (held requests, /healthz?wait) end so it stops promptly.
+        self.stopping = asyncio.Event()
 
     def _current_cid(self) -> int:
         if self.cid is None:
@@ -295,9 +297,14 @@ class EnclaveSession:
             if report is not None and report["app"]["answering"] and report["key"]["last_error"]:
                 return False
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or await self.stopped_within(min(_HOLD_STEP_S, remaining)):
                 return False
-            await asyncio.sleep(min(_HOLD_STEP_S, remaining))
+
+    async def stopped_within(self, seconds: float) -> bool:
+        """Sleep ``seconds``, or less if the gateway starts stopping: True then."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        return self.stopping.is_set()
 
     # ---------------------------------------------------------------- lifecycle
     def start_monitor(self) -> None:

@@ -555,6 +555,31 @@ def test_requests_during_a_relaunch_are_held_not_failed(
         assert 20 <= time.monotonic() - start < 29
 
 
+def test_a_stopping_gateway_answers_held_requests_and_health_waits_at_once(tmp_path: Path, vsock_dir: Path) -> None:
+    """No enclave answers: a tokenize is held (hold_timeout) and a /healthz?wait waits; stopping the gateway
+    ends both with their 503 instead of waiting out aiohttp's shutdown timeout (systemd would kill it)."""
+    config = _gateway_config(tmp_path, hold_timeout=120.0)
+    answers: dict[str, int] = {}
+
+    def ask(name: str, method: str, path: str, body: Any = None) -> None:
+        answers[name] = gw.request(method, path, body)[0]
+
+    gw = GatewayThread(config)
+    with gw:
+        waiting = [
+            threading.Thread(target=ask, args=("tokenize", "POST", "/v1/tokenize", {"pan": PAN})),
+            threading.Thread(target=ask, args=("health", "GET", "/healthz?wait=120")),
+        ]
+        for thread in waiting:
+            thread.start()
+        time.sleep(1.0)  # both are waiting for the enclave now
+        assert answers == {}
+    assert not gw.thread.is_alive(), "the gateway did not stop within 20 s"
+    for thread in waiting:
+        thread.join(5)
+    assert answers == {"tokenize": 503, "health": 503}
+
+
 def test_held_requests_are_released_by_the_previous_configuration_serving(tmp_path: Path) -> None:
     """After a rejected change the last good configuration serves (degraded): held requests go to it."""
     gateway = Gateway(_gateway_config(tmp_path))
