@@ -66,6 +66,12 @@ def caller_account(sts: Any) -> tuple[str, str]:
     return identity["Account"], identity["Arn"].split(":")[1]
 
 
+def key_account(meta: dict) -> tuple[str, str]:
+    """(account, partition) of a key's metadata. A key found by alias name is in the credentials' own account
+    (KMS resolves an alias name only there), so this is what caller_account would say, without STS."""
+    return meta["AWSAccountId"], meta["Arn"].split(":")[1]
+
+
 def role_arns(names: Sequence[str], account: str, partition: str = "aws") -> list[str]:
     """IAM role ARNs for role names (or paths, ``path/name``) in ``account``."""
     return [f"arn:{partition}:iam::{account}:role/{name.lstrip('/')}" for name in names]

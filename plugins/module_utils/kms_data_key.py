@@ -13,6 +13,7 @@ import binascii
 import contextlib
 import datetime
 import os
+from typing import Any
 
 from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 
@@ -130,9 +131,13 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def ensure_key(module, params: dict, client, alias: str, result: dict) -> dict | None:
-    """The key under ``alias`` (created when missing and asked to; None in check mode then)."""
-    meta = find_key(client, alias)
+_LOOK_UP = object()
+
+
+def ensure_key(module, params: dict, client, alias: str, result: dict, *, found: Any = _LOOK_UP) -> dict | None:
+    """The key under ``alias`` (created when missing and asked to; None in check mode then). ``found``: what
+    find_key already returned for it."""
+    meta = find_key(client, alias) if found is _LOOK_UP else found
     if meta is None:
         if not params["create_key"]:
             raise DataKeyError(f"{alias} does not exist and create_key is false")

@@ -321,6 +321,7 @@ from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.kms_calls imp
     KMS_RETRY,
     STATEMENT_OPTIONS,
     caller_account,
+    key_account,
     role_arns,
     sync_key_policy,
 )
@@ -329,6 +330,7 @@ from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.kms_data_key 
     DataKeyError,
     ensure,
     ensure_key,
+    find_key,
 )
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils.kms_policy import (
     PolicyError,
@@ -342,12 +344,15 @@ with contextlib.suppress(ImportError):  # AnsibleAWSModule reports a missing bot
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 
 
-def statement_specs(module, params: dict, result: dict) -> list:
-    """The statements with principal_role_names turned into role ARNs (STS only when the account is not given)."""
+def statement_specs(module, params: dict, result: dict, meta: dict | None) -> list:
+    """The statements with principal_role_names turned into role ARNs, in account_id or else the credentials'
+    account: the existing key's (``meta``), STS only for a key still to be created."""
     raws = [dict(raw) for raw in params["statements"]]
     if any(raw.get("principal_role_names") for raw in raws):
         account, partition = params["account_id"], "aws"
-        if not account:
+        if not account and meta is not None:
+            account, partition = key_account(meta)
+        elif not account:
             account, partition = caller_account(module.client("sts", retry_decorator=KMS_RETRY))
         result["account"] = account
         for raw in raws:
@@ -363,8 +368,9 @@ def run(module, kms, ssm) -> dict:
     params = module.params
     alias = params["alias"] if params["alias"].startswith("alias/") else f"alias/{params['alias']}"
     result: dict = dict(changed=False, key_created=False, statements_changed=[])
-    specs = statement_specs(module, params, result)
-    meta = ensure_key(module, params, kms, alias, result)
+    found = find_key(kms, alias)
+    specs = statement_specs(module, params, result, found)  # bad statements fail before a key is created
+    meta = ensure_key(module, params, kms, alias, result, found=found)
     if meta is not None:  # None: check mode, the key would be created (its policy is KMS's default)
         sync = sync_key_policy(
             kms, meta["KeyId"], specs, state="present", mode=params["pcr_values_mode"],
