@@ -1,8 +1,8 @@
 #!/bin/sh
 # A restart-loop service on a host without systemd, in one call: install the launcher (read on stdin)
 # when it differs from the installed one, then bring the service to STATE with start-stop-daemon, and
-# keep the log's logrotate configuration (root:root 0644; an empty LOGROTATE_TEXT removes it). One module
-# run instead of command + template (itself two: stat, then file or copy).
+# keep the log's logrotate configuration (root:root 0644; an empty LOGROTATE_TEXT removes it). One call
+# instead of command + template (itself two: stat, then file or copy).
 # A changed launcher restarts a running service. Prints "launcher=<changed|unchanged>
 # service=<started|stopped|unchanged> logrotate=<changed|unchanged>"; in check mode it prints what it
 # would do and changes nothing.

@@ -78,7 +78,9 @@ class LoopService:
         tasks = [task for play in json.loads(proc.stdout)["plays"] for task in play["tasks"]]
         run = next(t["hosts"]["localhost"] for t in tasks if "Run in a restart loop" in t["task"]["name"])
         report = next(t["hosts"]["localhost"] for t in tasks if t["task"]["name"] == "Report")
-        return {"changed": run["changed"], "stdout": run["stdout"], "started": report["supervised_service_started"]}
+        # raw (the role's call) keeps the script's line end (CR LF over SSH, where it runs on a terminal).
+        stdout = run["stdout"].strip()
+        return {"changed": run["changed"], "stdout": stdout, "started": report["supervised_service_started"]}
 
     def pid(self) -> int | None:
         try:
