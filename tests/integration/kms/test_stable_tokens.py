@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -149,6 +150,20 @@ def _tokens(vsock_dir: Path, proxy_port: int, local_aws: LocalAws, record: Path)
         return {mode: [client.tokenize(pan, mode)["token"] for pan in PANS] for mode in ("opaque", "fpe")}
 
 
+def _role_vars(alias: str, local_aws: LocalAws, host_record: Path) -> dict[str, Any]:
+    return {
+        "kms_enclave_policy_key_alias": alias,
+        "kms_enclave_policy_local_endpoint": False,
+        "kms_enclave_policy_endpoint_url": local_aws.url,
+        "kms_enclave_policy_region": REGION,
+        "kms_enclave_policy_pcr0": [PCRS[0].hex()],
+        "kms_enclave_policy_principals": [ROLE],
+        "kms_enclave_policy_account_id": ACCOUNT,
+        "kms_enclave_policy_admin_principals": [f"arn:aws:iam::{ACCOUNT}:root"],
+        "kms_enclave_policy_host_data_key_file": str(host_record),
+    }
+
+
 def test_two_checkouts_and_a_kms_restart_never_change_a_token(
     tmp_path: Path, local_aws: LocalAws, parent_side: tuple[Path, int]
 ) -> None:
@@ -167,15 +182,7 @@ def test_two_checkouts_and_a_kms_restart_never_change_a_token(
     second = _checkout(tmp_path / "checkout-b", stale_key=stale)
     host_record = tmp_path / "host" / "datakey.json"
     extra_vars = {
-        "kms_enclave_policy_key_alias": alias,
-        "kms_enclave_policy_local_endpoint": False,
-        "kms_enclave_policy_endpoint_url": local_aws.url,
-        "kms_enclave_policy_region": REGION,
-        "kms_enclave_policy_pcr0": [PCRS[0].hex()],
-        "kms_enclave_policy_principals": [ROLE],
-        "kms_enclave_policy_account_id": ACCOUNT,
-        "kms_enclave_policy_admin_principals": [f"arn:aws:iam::{ACCOUNT}:root"],
-        "kms_enclave_policy_host_data_key_file": str(host_record),
+        **_role_vars(alias, local_aws, host_record),
         # The stale file is named after the default alias: point the migration at it.
         "kms_enclave_policy_data_key_migrate_from": [
             "{{ playbook_dir }}/../.cache/kms/nitro-enclave-tokenizer.datakey"
@@ -196,3 +203,28 @@ def test_two_checkouts_and_a_kms_restart_never_change_a_token(
     assert found[0] == "generated" and all(f.startswith("ssm:/nitro-enclaves/stable-") for f in found[1:]), found
     assert all(tokens == seen[0] for tokens in seen), "a token changed between converges"
     assert len(set(seen[0]["opaque"])) == len(PANS)
+
+
+def test_the_data_key_a_host_holds_is_adopted_when_the_fleet_has_no_record(tmp_path: Path, local_aws: LocalAws) -> None:
+    """No SSM record and no checkout cache (the controller that converged the fleet is gone): the role reads the
+    host's copy and keeps that data key, so the host's tokens stay the same."""
+    kms = boto3.client(
+        "kms",
+        region_name=REGION,
+        endpoint_url=local_aws.url,
+        aws_access_key_id=DUMMY_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
+    alias = f"alias/adopt-{uuid.uuid4().hex[:8]}"
+    key_id = kms.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["KeyId"]
+    kms.create_alias(AliasName=alias, TargetKeyId=key_id)
+    blob = kms.generate_data_key_without_plaintext(KeyId=key_id, KeySpec="AES_256")["CiphertextBlob"]
+    host_record = tmp_path / "host" / "datakey.json"
+    host_record.parent.mkdir(mode=0o700)
+    host_record.write_text(base64.b64encode(blob).decode() + "\n")
+    run = run_playbook(_checkout(tmp_path / "checkout"), extra_vars=_role_vars(alias, local_aws, host_record))
+    assert run.rc == 0, f"{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
+    data_key = next(r for r in run.results if r.get("action") == "nitro_enclaves.fleet.kms_enclave_key")
+    assert data_key["found_in"] == "migrated:migrate_ciphertext[0]" and not data_key["data_key_generated"], data_key
+    delivered = json.loads(host_record.read_text())  # the host now holds the fleet's record of that key
+    assert base64.b64decode(delivered["ciphertext"]) == blob, delivered
