@@ -150,6 +150,16 @@ def _tokens(vsock_dir: Path, proxy_port: int, local_aws: LocalAws, record: Path)
         return {mode: [client.tokenize(pan, mode)["token"] for pan in PANS] for mode in ("opaque", "fpe")}
 
 
+def _kms(local_aws: LocalAws) -> Any:
+    return boto3.client(
+        "kms",
+        region_name=REGION,
+        endpoint_url=local_aws.url,
+        aws_access_key_id=DUMMY_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
 def _role_vars(alias: str, local_aws: LocalAws, host_record: Path) -> dict[str, Any]:
     return {
         "kms_enclave_policy_key_alias": alias,
@@ -169,13 +179,7 @@ def test_two_checkouts_and_a_kms_restart_never_change_a_token(
 ) -> None:
     vsock_dir, proxy_port = parent_side
     alias = f"alias/stable-{uuid.uuid4().hex[:8]}"
-    kms = boto3.client(
-        "kms",
-        region_name=REGION,
-        endpoint_url=local_aws.url,
-        aws_access_key_id=DUMMY_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
-    )
+    kms = _kms(local_aws)
     stranger = kms.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["KeyId"]
     stale = kms.generate_data_key_without_plaintext(KeyId=stranger, KeySpec="AES_256")["CiphertextBlob"]
     first = _checkout(tmp_path / "checkout-a")
@@ -208,13 +212,7 @@ def test_two_checkouts_and_a_kms_restart_never_change_a_token(
 def test_the_data_key_a_host_holds_is_adopted_when_the_fleet_has_no_record(tmp_path: Path, local_aws: LocalAws) -> None:
     """No SSM record and no checkout cache (the controller that converged the fleet is gone): the role reads the
     host's copy and keeps that data key, so the host's tokens stay the same."""
-    kms = boto3.client(
-        "kms",
-        region_name=REGION,
-        endpoint_url=local_aws.url,
-        aws_access_key_id=DUMMY_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
-    )
+    kms = _kms(local_aws)
     alias = f"alias/adopt-{uuid.uuid4().hex[:8]}"
     key_id = kms.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["KeyId"]
     kms.create_alias(AliasName=alias, TargetKeyId=key_id)
