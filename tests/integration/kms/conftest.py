@@ -38,6 +38,17 @@ OLD_PCR0 = "a1" * 48
 NEW_PCR0 = "b2" * 48
 
 
+def endpoint_client(url: str, service: str = "kms", access_key_id: str = DUMMY_ENV["AWS_ACCESS_KEY_ID"]) -> Any:
+    """A boto3 client of the local endpoint at ``url`` (it takes any secret key)."""
+    return boto3.client(
+        service,
+        region_name=REGION,
+        endpoint_url=url,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
 @dataclass
 class KmsEndpoint:
     url: str
@@ -47,13 +58,7 @@ class KmsEndpoint:
     def client(self, access_key_id: str = OPERATOR_KEY, service: str = "kms") -> Any:
         """A client as one of the endpoint's documented identities (identities.py): the operator by
         default, INSTANCE_ROLE_KEY for the parent instance, KEY_ADMIN_KEY for the key administrator."""
-        return boto3.client(
-            service,
-            region_name=REGION,
-            endpoint_url=self.url,
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
-        )
+        return endpoint_client(self.url, service, access_key_id)
 
     def set_faults(self, **counts: int) -> None:
         self.faults.write_text(json.dumps(counts))

@@ -8,13 +8,18 @@ import json
 import stat
 import uuid
 
-import boto3
 from ansible_collections.nitro_enclaves.fleet.plugins.module_utils import data_key_record
 from enclave_tokenizer.cms import decrypt_enveloped_data
 
-from tests.integration.ec2.conftest import DUMMY_ENV, REGION
-
-from .conftest import OLD_PCR0, KmsEndpoint, document, put_attested_statement, recipient, run_module_tasks
+from .conftest import (
+    OLD_PCR0,
+    KmsEndpoint,
+    document,
+    endpoint_client,
+    put_attested_statement,
+    recipient,
+    run_module_tasks,
+)
 
 CONTEXT = {"app": "enclave-tokenizer"}
 
@@ -28,13 +33,7 @@ def alias() -> str:
 
 
 def ssm(endpoint: KmsEndpoint):
-    return boto3.client(
-        "ssm",
-        region_name=REGION,
-        endpoint_url=endpoint.url,
-        aws_access_key_id=DUMMY_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
-    )
+    return endpoint_client(endpoint.url, "ssm")
 
 
 def stored(endpoint: KmsEndpoint, name: str) -> dict:

@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from enclave_tokenizer import parent, vsock
 from enclave_tokenizer.client import Client
@@ -33,7 +32,7 @@ from tests.conftest import VENV_BIN, free_port, wait_for_port
 from tests.integration.ec2.conftest import DUMMY_ENV, REGION
 from tests.unit.tokenizer_harness import running_server
 
-from .conftest import ACCOUNT, ROLE, run_playbook
+from .conftest import ACCOUNT, ROLE, endpoint_client, run_playbook
 
 PANS = ["4111111111111111", "5500000000000004", "340000000000009", "6011000000000004", "3530111333300000"]
 PCRS = {0: hashlib.sha384(b"stable image").digest(), 1: b"\x11" * 48, 2: b"\x22" * 48}
@@ -151,13 +150,7 @@ def _tokens(vsock_dir: Path, proxy_port: int, local_aws: LocalAws, record: Path)
 
 
 def _kms(local_aws: LocalAws) -> Any:
-    return boto3.client(
-        "kms",
-        region_name=REGION,
-        endpoint_url=local_aws.url,
-        aws_access_key_id=DUMMY_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
-    )
+    return endpoint_client(local_aws.url)
 
 
 def _role_vars(alias: str, local_aws: LocalAws, host_record: Path) -> dict[str, Any]:
