@@ -13,7 +13,6 @@ import binascii
 import contextlib
 import datetime
 import os
-from typing import Any
 
 from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 
@@ -131,13 +130,10 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-_LOOK_UP = object()
-
-
-def ensure_key(module, params: dict, client, alias: str, result: dict, *, found: Any = _LOOK_UP) -> dict | None:
-    """The key under ``alias`` (created when missing and asked to; None in check mode then). ``found``: what
-    find_key already returned for it."""
-    meta = find_key(client, alias) if found is _LOOK_UP else found
+def ensure_key(module, params: dict, client, alias: str, result: dict, *, found: dict | None) -> dict | None:
+    """The key under ``alias`` (created when missing and asked to; None in check mode then); ``found``: what
+    find_key returned for it."""
+    meta = found
     if meta is None:
         if not params["create_key"]:
             raise DataKeyError(f"{alias} does not exist and create_key is false")
@@ -236,7 +232,7 @@ def ensure(
         changed=False, key_created=False, data_key_generated=False, rotated=False, parameter_name=name, found_in=""
     )
     if not key_known:
-        meta = ensure_key(module, params, client, alias, result)
+        meta = ensure_key(module, params, client, alias, result, found=find_key(client, alias))
     elif meta is not None:
         result.update(key_id=meta["KeyId"], key_arn=meta["Arn"])
     record = read_record(ssm, name) if meta is not None else None
